@@ -1,0 +1,275 @@
+"""The Gemma 1 / 2 / 3 text network in plain PyTorch, written to match transformers' eager path.
+
+Numerics follow transformers `modeling_gemma2.py` / `modeling_gemma3.py` (eager attention) op for
+op, so fp32 logits agree to float rounding. Differences from that code are deliberate and noted:
+  * norm weights hold the full scale (1 + w), precomputed in fp32 at load time. HF computes
+    `1.0 + w.float()` at run time; the result is the same fp32 number, and GGUF files store it.
+  * the attention mask is built from token *positions*, not slots in the padded tensor, so a
+    padded or prefix-shared row attends exactly as the unpadded sequence would.
+  * grouped-query attention reshapes queries to (kv_head, group) instead of copying K/V per head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GLOBAL, SLIDING, GemmaConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, in fp32, cast back at the end (HF Gemma3RMSNorm; transformers PR #29402)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))  # = 1 + w of the HF checkpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).type_as(x)
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling_factor: float = 1.0) -> torch.Tensor:
+    # HF _compute_default_rope_parameters; linear scaling divides the frequencies (global layers of Gemma 3 4B+).
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    return inv_freq / scaling_factor
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # Half rotation: dimension j pairs with j + d/2 (HF layout; GGUF Gemma tensors are not permuted).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer_type: str):
+        super().__init__()
+        self.cfg, self.layer_type = cfg, layer_type
+        hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        self.q = nn.Linear(cfg.hidden_size, nh * hd, bias=False)
+        self.k = nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
+        self.v = nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
+        self.o = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        # A Python float, as HF uses it: query_pre_attn_scalar ** -0.5 multiplies the scores.
+        self.scaling = cfg.query_pre_attn_scalar ** -0.5
+
+    def forward(self, x, cos, sin, mask, cache: "KVCache | None", layer: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        hd, nh, nkv = self.cfg.head_dim, self.cfg.num_heads, self.cfg.num_kv_heads
+        q = self.q(x).view(b, t, nh, hd).transpose(1, 2)  # (b, nh, t, hd)
+        k = self.k(x).view(b, t, nkv, hd).transpose(1, 2)  # (b, nkv, t, hd)
+        v = self.v(x).view(b, t, nkv, hd).transpose(1, 2)
+        if self.cfg.qk_norm:  # Gemma 3: per-head RMSNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (b, nkv, s, hd): earlier keys followed by these
+        s = k.shape[2]
+        # Query head h uses kv head h // group (HF repeat_kv); group the queries instead of copying K/V.
+        group = nh // nkv
+        qg = q.reshape(b, nkv, group * t, hd)
+        scores = torch.matmul(qg, k.transpose(2, 3)) * self.scaling  # (b, nkv, group*t, s)
+        cap = self.cfg.attn_logit_softcap
+        if cap is not None:  # Gemma 2: divide, tanh, multiply, BEFORE the mask (a masked -inf would become -cap)
+            scores = torch.tanh(scores / cap) * cap
+        scores = scores.view(b, nkv, group, t, s) + mask[:, None, None]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs.view(b, nkv, group * t, s), v)  # (b, nkv, group*t, hd)
+        out = out.view(b, nh, t, hd).transpose(1, 2).reshape(b, t, nh * hd)
+        return self.o(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        # GeGLU with the tanh GELU ("gelu_pytorch_tanh" = F.gelu(approximate="tanh"), not a hand formula).
+        return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer_type: str):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer_type)
+        self.pre_ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        if cfg.post_norms:  # Gemma 2/3 normalise each branch output before the residual add
+            self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, mask, cache, layer):
+        x = self.attn(self.attn_norm(h), cos, sin, mask, cache, layer)
+        if self.cfg.post_norms:
+            x = self.post_attn_norm(x)
+        h = h + x
+        x = self.mlp(self.pre_ffn_norm(h))
+        if self.cfg.post_norms:
+            x = self.post_ffn_norm(x)
+        return h + x
+
+
+class KVCache:
+    """Keys/values of earlier tokens, per layer, with their positions and validity.
+
+    Keys are stored after RoPE, as in transformers. `append` is called once per layer per forward;
+    positions and validity are extended once per forward by `extend`. A cache built for one
+    sequence can be shared by many continuations with `expand` (views, no copy).
+    """
+
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.positions: torch.Tensor | None = None  # (b, s) long
+        self.valid: torch.Tensor | None = None  # (b, s) bool
+
+    def __len__(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[1]
+
+    def extend(self, positions: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.positions is None:
+            self.positions, self.valid = positions, valid
+        else:
+            self.positions = torch.cat([self.positions, positions], dim=1)
+            self.valid = torch.cat([self.valid, valid], dim=1)
+        return self.positions, self.valid
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def expand(self, batch: int) -> "KVCache":
+        """A cache of `batch` rows that all start with this one-row cache (no copy until appended to)."""
+        if self.positions is None or self.positions.shape[0] != 1:
+            raise ValueError("expand needs a non-empty cache of batch size 1")
+        out = KVCache(len(self.k))
+        out.k = [t.expand(batch, -1, -1, -1) for t in self.k]
+        out.v = [t.expand(batch, -1, -1, -1) for t in self.v]
+        out.positions = self.positions.expand(batch, -1)
+        out.valid = self.valid.expand(batch, -1)
+        return out
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """Keep only the given batch rows (e.g. drop finished sequences during decoding)."""
+        out = KVCache(len(self.k))
+        out.k = [t.index_select(0, rows) for t in self.k]
+        out.v = [t.index_select(0, rows) for t in self.v]
+        out.positions, out.valid = self.positions.index_select(0, rows), self.valid.index_select(0, rows)
+        return out
+
+
+class Gemma(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq_global", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor),
+                             persistent=False)
+        self.register_buffer("inv_freq_local", rope_inv_freq(cfg.head_dim, cfg.rope_local_theta), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.num_layers)
+
+    def _rope(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+        # fp32 angles, cast to the activation dtype at the end (HF Gemma3RotaryEmbedding.forward).
+        freqs = positions[..., None].float() * inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (b, 1, t, hd)
+
+    def _masks(self, q_pos, k_pos, k_valid, attend, dtype):
+        # Query i sees key j iff j is a real token at a position <= i (causal by position), and on
+        # sliding layers also i - j < sliding_window: the token itself plus W-1 earlier ones
+        # (HF masking_utils.sliding_window_overlay: kv_idx > q_idx - W).
+        dist = q_pos[:, :, None] - k_pos[:, None, :]  # (b, t, s)
+        allowed = k_valid[:, None, :] & (dist >= 0)
+        if attend is not None:
+            allowed = allowed & attend
+        # Additive mask with the dtype's finite minimum, as HF: a fully masked (padding) row then gets a
+        # uniform softmax instead of NaN, and NaN cannot leak into real rows through P @ V.
+        neg = torch.finfo(dtype).min
+        masks = {GLOBAL: torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, neg)}
+        if SLIDING in self.cfg.layer_types:
+            local = allowed & (dist < self.cfg.sliding_window)
+            masks[SLIDING] = torch.zeros(local.shape, dtype=dtype, device=local.device).masked_fill_(~local, neg)
+        return masks
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attend: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for `input_ids` (b, t).
+
+        positions: (b, t) absolute positions; default continues after `cache` (or starts at 0).
+        valid: (b, t) bool, False for padding; padding is never attended to.
+        cache: earlier keys/values; this call's keys are appended to it.
+        attend: optional (b, t, len(cache) + t) bool restricting which keys each query may see
+            beyond the causal rule (e.g. several continuations packed after one shared context).
+        logits_at: optional (b, t) bool; when given, the output head runs only at those positions and
+            the result is (n, vocab) in row-major order. Otherwise (b, t, vocab).
+        Logits are in the model dtype, soft-capped where the config says so.
+        """
+        b, t = input_ids.shape
+        dev = input_ids.device
+        if positions is None:
+            start = 0 if cache is None or cache.positions is None else int(cache.positions.max()) + 1
+            positions = torch.arange(start, start + t, device=dev).expand(b, t)
+        if valid is None:
+            valid = torch.ones(b, t, dtype=torch.bool, device=dev)
+        if cache is not None:
+            k_pos, k_valid = cache.extend(positions, valid)
+        else:
+            k_pos, k_valid = positions, valid
+
+        h = self.embed(input_ids)
+        # sqrt(hidden) as an fp32 tensor cast to the weight dtype (HF Gemma3TextScaledWordEmbedding):
+        # in bf16 the constant itself is rounded, e.g. 59.87 -> 59.75 for Gemma 2 9B.
+        h = h * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=torch.float32).to(h.dtype)
+        masks = self._masks(positions, k_pos, k_valid, attend, h.dtype)
+        rope = {GLOBAL: self._rope(positions, self.inv_freq_global, h.dtype)}
+        if SLIDING in self.cfg.layer_types:
+            rope[SLIDING] = self._rope(positions, self.inv_freq_local, h.dtype)
+        for i, (block, kind) in enumerate(zip(self.layers, self.cfg.layer_types)):
+            cos, sin = rope[kind]
+            h = block(h, cos, sin, masks[kind], cache, i)
+        if logits_at is not None:
+            h = h[logits_at]  # (n, hidden): the vocab-sized head is most of a small model's cost
+        return self.head(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(self.final_norm(h), self.embed.weight)  # tied output head
+        cap = self.cfg.final_logit_softcap
+        if cap is not None:  # Gemma 2: 30.0
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,198 @@
+"""Our network against transformers (eager attention, fp32) on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evalsuite.model import load_model
+from evalsuite.model.weights import load_gguf, load_hf_folder
+from helpers import random_hf_model, tiny_config, write_gguf, write_hf_checkpoint
+
+TOL = 1e-4
+FAMILIES = ["gemma1", "gemma2", "gemma3"]
+# (num_heads, num_kv_heads): multi-query, grouped, and one kv head per query head.
+HEADS = [(4, 1), (4, 2), (4, 4)]
+
+
+def _ids(batch, length, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (batch, length), generator=g)
+    ids[:, 0] = 2  # BOS
+    return ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"h{h[0]}kv{h[1]}")
+def test_logits_match_transformers_every_position(tmp_path, family, heads):
+    cfg = tiny_config(family, num_heads=heads[0], num_kv_heads=heads[1])
+    hf = write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    ids = _ids(2, 40, cfg.vocab_size, seed=1)  # 40 tokens >> sliding window 7
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= TOL
+    # Soft-capping is monotonic: compare log-probs, which a missing cap does change.
+    assert (got.log_softmax(-1) - ref.log_softmax(-1)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch_matches_each_sequence_alone(tmp_path, family):
+    """Right-padded batch vs transformers on each unpadded sequence: every real position."""
+    cfg = tiny_config(family)
+    hf = write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    lengths = [33, 12, 25]
+    ids = _ids(3, max(lengths), cfg.vocab_size, seed=2)
+    valid = torch.zeros_like(ids, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        valid[i, :n] = True
+        ids[i, n:] = 0
+    with torch.no_grad():
+        batched = ours(ids, valid=valid)
+        for i, n in enumerate(lengths):
+            ref = hf(ids[i:i + 1, :n]).logits[0]
+            assert (batched[i, :n] - ref).abs().max().item() <= TOL
+    # Left padding with explicit positions is exact as well (our mask works on positions, not slots).
+    n = lengths[1]
+    left = torch.zeros(1, 20, dtype=torch.long)
+    left[0, 20 - n:] = ids[1, :n]
+    lvalid = torch.arange(20)[None] >= 20 - n
+    pos = (torch.arange(20) - (20 - n)).clamp(min=0)[None]
+    with torch.no_grad():
+        got = ours(left, positions=pos, valid=lvalid)[0, 20 - n:]
+        ref = hf(ids[1:2, :n]).logits[0]
+    assert (got - ref).abs().max().item() <= TOL
+
+
+def test_hf_batch_with_attention_mask_matches(tmp_path):
+    """Same right-padded batch fed to both, with transformers' own attention_mask."""
+    cfg = tiny_config("gemma2")
+    hf = write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    ids = _ids(2, 30, cfg.vocab_size, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits
+        got = ours(ids, valid=mask.bool())
+    real = mask.bool()
+    assert (got[real] - ref[real]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_decoding_equals_full_forward(tmp_path, family):
+    """Prefill 5 tokens, then one token at a time past the window boundary (window 7)."""
+    cfg = tiny_config(family)
+    write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    ids = _ids(2, 24, cfg.vocab_size, seed=4)
+    with torch.no_grad():
+        full = ours(ids)
+        cache = ours.new_cache()
+        steps = [ours(ids[:, :5], cache=cache)]
+        for j in range(5, 24):
+            steps.append(ours(ids[:, j:j + 1], cache=cache))
+    incremental = torch.cat(steps, dim=1)
+    assert (incremental - full).abs().max().item() <= TOL
+    assert len(cache) == 24
+
+
+def test_shared_prefix_cache_expands_to_many_continuations(tmp_path):
+    cfg = tiny_config("gemma3")
+    write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    ctx = _ids(1, 11, cfg.vocab_size, seed=5)
+    conts = _ids(3, 6, cfg.vocab_size, seed=6)
+    with torch.no_grad():
+        cache = ours.new_cache()
+        ours(ctx, cache=cache)
+        shared = ours(conts, cache=cache.expand(3))
+        for i in range(3):
+            alone = ours(torch.cat([ctx, conts[i:i + 1]], dim=1))[0, 11:]
+            assert (shared[i] - alone).abs().max().item() <= TOL
+
+
+def test_logits_at_selects_positions(tmp_path):
+    cfg = tiny_config("gemma2")
+    write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    ids = _ids(2, 15, cfg.vocab_size, seed=7)
+    at = torch.zeros_like(ids, dtype=torch.bool)
+    at[0, [3, 9]] = True
+    at[1, 14] = True
+    with torch.no_grad():
+        full = ours(ids)
+        some = ours(ids, logits_at=at)
+    assert some.shape == (3, cfg.vocab_size)
+    assert (some - full[at]).abs().max().item() <= 1e-5  # same maths; BLAS may round differently per shape
+
+
+def test_batch_size_does_not_change_logits(tmp_path):
+    cfg = tiny_config("gemma2")
+    write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    ids = _ids(6, 20, cfg.vocab_size, seed=8)
+    with torch.no_grad():
+        together = ours(ids)
+        alone = torch.cat([ours(ids[i:i + 1]) for i in range(6)])
+    assert (together - alone).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_bfloat16_follows_transformers(tmp_path, family):
+    """bf16: same op order and casts as transformers, so the two agree far better than bf16 vs fp32."""
+    cfg = tiny_config(family)
+    write_hf_checkpoint(cfg, tmp_path)
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager")
+    ours, _ = load_hf_folder(tmp_path, dtype=torch.bfloat16)
+    ids = _ids(2, 30, cfg.vocab_size, seed=9)
+    with torch.no_grad():
+        ref, got = hf(ids).logits.float(), ours(ids).float()
+    assert got.dtype == torch.float32 and ours.embed.weight.dtype == torch.bfloat16
+    assert ours.layers[0].attn_norm.weight.dtype == torch.float32  # norm scales stay fp32
+    assert (got - ref).abs().max().item() <= 1e-2  # measured 0.0; bf16 vs fp32 differs by ~0.2 here
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("quant", ["F32", "Q8_0"])
+def test_gguf_loads_to_the_same_logits_as_its_hf_twin(tmp_path, family, quant):
+    cfg = tiny_config(family)
+    hf = random_hf_model(cfg, seed=10)
+    decoded = write_gguf(hf, cfg, tmp_path / "tiny.gguf", quant=quant)
+    hf.load_state_dict(decoded, strict=False)  # the twin holds exactly what the GGUF decodes to
+    ours, meta = load_gguf(tmp_path / "tiny.gguf")
+    for field in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "sliding_window", "layer_types",
+                  "attn_logit_softcap", "final_logit_softcap", "rope_theta", "rope_local_theta"):
+        if not (family == "gemma3" and field == "layer_types"):
+            assert getattr(ours.cfg, field) == getattr(cfg, field), field
+    ids = _ids(2, 30, cfg.vocab_size, seed=11)
+    # GGUF does not store the attention scale or (for Gemma 3) the layer pattern; llama.cpp's rules
+    # give 1/sqrt(head_dim) and every 6th layer global, so the twin is run with those.
+    import transformers
+    twin_cfg = cfg.replace(query_pre_attn_scalar=cfg.head_dim, layer_types=ours.cfg.layer_types,
+                           rope_scaling_factor=ours.cfg.rope_scaling_factor)
+    twin = random_hf_model(twin_cfg, seed=10)
+    twin.load_state_dict(decoded, strict=False)
+    with torch.no_grad():
+        ref, got = twin(ids).logits, ours(ids)
+    assert (got - ref).abs().max().item() <= TOL
+
+
+def test_load_model_reads_folder_with_real_gemma2_tokenizer(tmp_path, gemma2_tokenizer_json):
+    """A tiny random Gemma 2 with the real 256000-piece vocabulary: the whole Gemma 2 path."""
+    cfg = tiny_config("gemma2", vocab_size=256000, hidden_size=32, intermediate_size=64, num_heads=2,
+                      num_kv_heads=1, head_dim=16, query_pre_attn_scalar=16, num_layers=2)
+    hf = write_hf_checkpoint(cfg, tmp_path, tokenizer_json=gemma2_tokenizer_json)
+    lm = load_model(str(tmp_path))
+    assert lm.tokenizer.vocab_size == 256000
+    ids = lm.tokenizer.encode("Gemma 2 reads the real vocabulary.", bos=True)
+    assert ids[0] == 2 and ids.count(2) == 1
+    lp = lm.token_logprobs([ids])[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    ref = ref.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert (lp - ref).abs().max().item() <= TOL

@@ -1,0 +1,59 @@
+"""Gemma 3 270M from the PyPI GGUF: our log-probs against transformers loading the same file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Question: What is 12 times 7?\nAnswer: 84\n\n",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_270m(gguf_270m):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_270m.parent, gguf_file=gguf_270m.name, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def _hf_logprobs(hf, ids):
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_config_read_from_gguf(ours_270m):
+    cfg = ours_270m.config
+    assert cfg.family == "gemma3" and cfg.num_layers == 18 and cfg.vocab_size == 262144
+    assert [i for i, t in enumerate(cfg.layer_types) if t == "global"] == [5, 11, 17]
+    assert (cfg.sliding_window, cfg.rope_theta, cfg.rope_local_theta) == (512, 1_000_000.0, 10_000.0)
+    assert cfg.query_pre_attn_scalar == 256 and cfg.attn_logit_softcap is None
+
+
+def test_tokenization_of_reference_prompt(ours_270m):
+    assert ours_270m.tokenizer.encode("The capital of France is", bos=True) == [2, 818, 5279, 529, 7001, 563]
+
+
+def test_logprobs_match_transformers(ours_270m, hf_270m):
+    tok = ours_270m.tokenizer
+    seqs = [tok.encode(p, bos=True) for p in PROMPTS]
+    # One prompt longer than the 512-token sliding window, so local and global layers differ.
+    long_text = " ".join(f"Item {i}: the {i % 7}th colour of a list of things." for i in range(80))
+    seqs.append(tok.encode(long_text, bos=True))
+    assert len(seqs[-1]) > 600
+    ours = ours_270m.token_logprobs(seqs, batch_size=4)  # batched with padding
+    for ids, got in zip(seqs, ours):
+        ref = _hf_logprobs(hf_270m, ids)
+        assert (got - ref).abs().max().item() <= 1e-3
+
+
+def test_greedy_continuation_matches_transformers(ours_270m, hf_270m):
+    ids = ours_270m.tokenizer.encode("The capital of France is", bos=True)
+    ours = ours_270m.greedy(ids, max_new_tokens=12)
+    with torch.no_grad():
+        ref = hf_270m.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert ours == ref
+    assert ours_270m.tokenizer.decode(ours).startswith(" the capital of")
