@@ -229,16 +229,32 @@ class Gemma(nn.Module):
         attend: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for `input_ids` (b, t).
+        """Logits for `input_ids` (b, t); see `hidden` for the arguments.
+
+        logits_at: optional (b, t) bool; when given, the output head runs only at those positions and
+            the result is (n, vocab) in row-major order. Otherwise (b, t, vocab).
+        Logits are in the model dtype, soft-capped where the config says so.
+        """
+        h = self.hidden(input_ids, positions, valid, cache, attend)
+        if logits_at is not None:
+            h = h[logits_at]  # (n, hidden): the vocab-sized head is most of a small model's cost
+        return self.head(h)
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attend: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (b, t, hidden) before the output norm and head.
 
         positions: (b, t) absolute positions; default continues after `cache` (or starts at 0).
         valid: (b, t) bool, False for padding; padding is never attended to.
         cache: earlier keys/values; this call's keys are appended to it.
         attend: optional (b, t, len(cache) + t) bool restricting which keys each query may see
             beyond the causal rule (e.g. several continuations packed after one shared context).
-        logits_at: optional (b, t) bool; when given, the output head runs only at those positions and
-            the result is (n, vocab) in row-major order. Otherwise (b, t, vocab).
-        Logits are in the model dtype, soft-capped where the config says so.
         """
         b, t = input_ids.shape
         dev = input_ids.device
@@ -263,11 +279,10 @@ class Gemma(nn.Module):
         for i, (block, kind) in enumerate(zip(self.layers, self.cfg.layer_types)):
             cos, sin = rope[kind]
             h = block(h, cos, sin, masks[kind], cache, i)
-        if logits_at is not None:
-            h = h[logits_at]  # (n, hidden): the vocab-sized head is most of a small model's cost
-        return self.head(h)
+        return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Output norm, tied head and final soft-cap for hidden states of any leading shape."""
         logits = F.linear(self.final_norm(h), self.embed.weight)  # tied output head
         cap = self.cfg.final_logit_softcap
         if cap is not None:  # Gemma 2: 30.0

@@ -1,0 +1,42 @@
+"""python -m evalsuite +tasks=[mmlu,arc_c] model=gemma2_9b limit=100 (Hydra; see conf/config.yaml)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    from . import evaluate, tasks
+    from .model import load_model
+
+    if "tasks" not in cfg:
+        sys.exit("no tasks given: add +tasks=NAME or +tasks=[A,B]; tasks: "
+                 f"{', '.join(tasks.available_tasks())}; suites: {', '.join(evaluate.SUITES)}")
+    names = cfg.tasks if isinstance(cfg.tasks, str) else list(cfg.tasks)
+    names = [names] if isinstance(names, str) else names
+    try:
+        task_names = evaluate.expand_tasks(names)
+    except tasks.TaskError as e:
+        sys.exit(str(e))
+    if cfg.model.get("backend", "ours") != "ours":
+        sys.exit(f"model.backend={cfg.model.backend!r} is not available yet (only 'ours')")
+    lm = load_model(cfg.model.path, device=cfg.device, dtype=cfg.dtype, preset=cfg.model.get("preset"))
+    run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.model.get('preset') or 'model'}"
+    out_dir = Path(cfg.output_dir) / run_id
+    res = evaluate.run(lm, task_names, out_dir, limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=cfg.seed,
+                       batch_size=cfg.batch_size, token_budget=cfg.token_budget, data_source=cfg.data.source,
+                       progress=cfg.progress, config=OmegaConf.to_container(cfg, resolve=True))
+    print(evaluate.summary_markdown(res))
+    print(f"results: {out_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

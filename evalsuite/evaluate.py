@@ -1,0 +1,106 @@
+"""Run tasks on a model and write results.json, samples_<task>.jsonl and a Markdown summary."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from . import metrics, tasks
+from .model import LoadedModel
+from .runner import Runner
+
+# Rows of the Gemma 2 paper's table that exist as tasks so far.
+SUITES = {"paper": ["mmlu", "arc_c", "arc_e", "hellaswag", "winogrande", "piqa", "siqa", "boolq"]}
+
+
+def expand_tasks(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        for t in SUITES.get(n, [n]):
+            tasks.load_spec(t)  # unknown names fail here, listing the valid ones
+            if t not in out:
+                out.append(t)
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run(lm: LoadedModel, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=None, seed=1234,
+        batch_size=16, token_budget=16384, data_source="local", progress=True, config: dict | None = None) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    built = {}
+    for name in task_names:
+        spec = tasks.load_spec(name)
+        built[name] = (spec, *tasks.build_items(spec, num_fewshot, limit, seed, data_source))
+    # All tasks' requests are pooled so batching and context sharing work across tasks.
+    requests = [r for _, items, _ in built.values() for it in items for r in it.requests]
+    runner = Runner(lm, batch_size=batch_size, token_budget=token_budget, progress=progress)
+    t0 = time.perf_counter()
+    results = runner.loglikelihood(requests)
+    score_seconds = time.perf_counter() - t0
+    k = 0
+    report: dict[str, Any] = {}
+    for name, (spec, items, prov) in built.items():
+        per_metric: dict[str, list[float]] = {m: [] for m in spec["metrics"]}
+        with open(out_dir / f"samples_{name}.jsonl", "w") as fh:
+            for it in items:
+                res = results[k:k + len(it.requests)]
+                k += len(it.requests)
+                lps = [r.logprob for r in res]
+                preds = metrics.choice_predictions(lps, it.choices)
+                for m in spec["metrics"]:
+                    per_metric[m].append(float(preds[m] == it.gold))
+                fh.write(json.dumps({
+                    "index": it.index, "prompt": it.prompt, "choices": it.choices, "gold": it.gold,
+                    "logprobs": lps, "is_greedy": [r.is_greedy for r in res], "num_tokens": [r.num_tokens for r in res],
+                    "predictions": {m: preds[m] for m in spec["metrics"]}, "fewshot_indices": it.fewshot_indices,
+                    "doc": it.doc,
+                }, ensure_ascii=False) + "\n")
+        scores = {}
+        for m, vals in per_metric.items():
+            mean, se = metrics.mean_stderr(vals)
+            scores[m] = {"value": mean, "stderr": se}
+        report[name] = {"paper_row": spec["paper_row"], "version": spec["version"], "primary": spec["primary"],
+                        "metrics": scores, "num_items": len(items), **prov}
+    out = {
+        "evalsuite_version": "0.1.0", "git_commit": git_commit(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config or {}, "model": {"source": lm.source, "family": lm.config.family,
+                                          "fingerprint_sha256": lm.fingerprint(),
+                                          "weight_files": [str(f) for f in lm.weight_files],
+                                          "tokenizer": lm.tokenizer.kind, "dtype": str(lm.model.dtype),
+                                          "device": str(lm.device)},
+        "tasks": report,
+        "timing": {"wall_seconds": time.perf_counter() - t_start, "scoring_seconds": score_seconds,
+                   "requests": len(requests), "tokens_scored": runner.tokens_scored,
+                   "tokens_forwarded": runner.tokens_forwarded,
+                   "tokens_per_second": runner.tokens_forwarded / score_seconds if score_seconds else None},
+    }
+    (out_dir / "results.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
+    (out_dir / "summary.md").write_text(summary_markdown(out))
+    return out
+
+
+def summary_markdown(res: dict) -> str:
+    lines = [f"Model: {res['model']['source']} ({res['model']['fingerprint_sha256'][:12]})", "",
+             "| task | metric | value | ± stderr | items | shots | notes |", "|---|---|---|---|---|---|---|"]
+    for name, t in res["tasks"].items():
+        for m, s in t["metrics"].items():
+            mark = " (primary)" if m == t["primary"] else ""
+            lines.append(f"| {name} | {m}{mark} | {100 * s['value']:.2f} | {100 * s['stderr']:.2f} | "
+                         f"{t['num_items']} | {t['num_fewshot']} | {'; '.join(t['deviations'])} |")
+    tm = res["timing"]
+    lines += ["", f"{tm['requests']} requests, {tm['tokens_forwarded']} tokens forwarded in "
+                  f"{tm['scoring_seconds']:.1f}s ({tm['tokens_per_second'] or 0:.0f} tokens/s); wall {tm['wall_seconds']:.1f}s"]
+    return "\n".join(lines) + "\n"

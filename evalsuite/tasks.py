@@ -1,0 +1,183 @@
+"""Task plugins: tasks/<name>/task.yaml, a declarative spec rendered with Jinja2 (StrictUndefined).
+
+A spec names its data (a file carried in evalsuite/data, or the same split on the hub), the
+few-shot rule, the prompt templates, the request kind and the metrics. `build_items` turns it
+into items, each with its log-likelihood requests; the runner executes them, `score` reduces them.
+
+Few-shot rule (seeded, documented): `first_n` takes the first `count` exemplars of the few-shot
+pool (restricted to rows with the same `same` field, e.g. MMLU's subject); `random` draws
+`count + 1` rows with random.Random(f"{seed}:{task}:{item index}") and drops the item itself, so
+an item's exemplars do not depend on `limit` or on other items. When the spec has no few-shot
+file, the pool is the evaluation split minus the item (recorded as a deviation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from . import data
+
+TASKS_DIR = Path(os.environ.get("EVALSUITE_TASKS_DIR", Path(__file__).resolve().parents[1] / "tasks"))
+KINDS = ("multiple_choice", "multiple_choice_context")
+METRICS = ("acc", "acc_norm", "acc_bytes")
+
+_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+
+
+class TaskError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    path: Path
+    raw: dict[str, Any]
+
+    def __getitem__(self, key):
+        return self.raw[key]
+
+    def get(self, key, default=None):
+        return self.raw.get(key, default)
+
+
+@dataclass
+class Item:
+    """One evaluated question: its requests are (context, continuation) pairs, one per choice."""
+    task: str
+    index: int  # row index in the evaluation split
+    doc: dict[str, Any]
+    requests: list[tuple[str, str]]
+    gold: int
+    choices: list[str]
+    prompt: str
+    fewshot_indices: list[int] = field(default_factory=list)
+
+
+def available_tasks() -> list[str]:
+    return sorted(p.parent.name for p in TASKS_DIR.glob("*/task.yaml"))
+
+
+@lru_cache(maxsize=None)
+def load_spec(name: str) -> TaskSpec:
+    path = TASKS_DIR / name / "task.yaml"
+    if not path.exists():
+        raise TaskError(f"unknown task {name!r}; available tasks: {', '.join(available_tasks())}")
+    raw = yaml.safe_load(path.read_text())
+    for key in ("name", "version", "data", "fields", "fewshot", "kind", "gold", "metrics", "primary"):
+        if key not in raw:
+            raise TaskError(f"{path}: missing field {key!r}")
+    if raw["kind"] not in KINDS:
+        raise TaskError(f"{path}: kind={raw['kind']!r}, expected one of {KINDS}")
+    bad = [m for m in raw["metrics"] if m not in METRICS]
+    if bad:
+        raise TaskError(f"{path}: unknown metric(s) {bad}, expected some of {METRICS}")
+    return TaskSpec(raw["name"], path, raw)
+
+
+def _render(spec: TaskSpec, key: str, doc: dict[str, Any]) -> str:
+    try:
+        return _ENV.from_string(spec[key]).render(**doc)
+    except jinja2.UndefinedError as e:
+        raise TaskError(f"{spec.path}: template {key!r} uses a field the data lacks ({e})") from None
+
+
+def _render_list(spec: TaskSpec, key: str, doc: dict[str, Any]) -> list[str]:
+    out = json.loads(_render(spec, key, doc))
+    if not isinstance(out, list) or not all(isinstance(x, str) for x in out):
+        raise TaskError(f"{spec.path}: template {key!r} must render a JSON list of strings, got {out!r}")
+    return out
+
+
+def load_split(spec: TaskSpec, source: str = "local", fewshot: bool = False) -> data.Split | None:
+    d, fs = spec["data"], spec["fewshot"]
+    fields = tuple(spec["fields"])
+    if fewshot and not fs.get("file"):
+        return None  # the pool is the evaluation split minus the item
+    if source == "local":
+        return data.load_local(fs["file"] if fewshot else d["file"], fields)
+    if source == "hub":
+        hub = d["hub"]
+        split = fs.get("hub_split", hub["split"]) if fewshot else hub["split"]
+        return data.load_hub(hub["id"], hub.get("config"), split, hub.get("revision"), fields)
+    raise TaskError(f"data.source={source!r}: expected 'local' or 'hub'")
+
+
+def _fewshot_indices(spec: TaskSpec, pool: list[dict], pool_is_eval: bool, index: int, doc: dict, count: int,
+                     seed: int) -> list[int]:
+    if count == 0:
+        return []
+    same = spec["fewshot"].get("same")
+    candidates = [i for i, row in enumerate(pool) if same is None or row[same] == doc[same]]
+    if pool_is_eval:
+        candidates = [i for i in candidates if i != index]
+    sampler = spec["fewshot"].get("sampler", "random")
+    if sampler == "first_n":
+        chosen = candidates[:count]
+    elif sampler == "random":
+        chosen = random.Random(f"{seed}:{spec.name}:{index}").sample(candidates, min(count, len(candidates)))
+    else:
+        raise TaskError(f"{spec.path}: fewshot.sampler={sampler!r}, expected 'first_n' or 'random'")
+    if len(chosen) < count:
+        raise TaskError(f"{spec.path}: only {len(chosen)} few-shot exemplars available for item {index}, need {count}")
+    return chosen
+
+
+def _example(spec: TaskSpec, doc: dict) -> tuple[str, str]:
+    """A solved example: (prompt part, answer part) as it appears in a few-shot prefix."""
+    gold = int(_render(spec, "gold", doc))
+    if spec["kind"] == "multiple_choice":
+        return _render(spec, "prompt", doc), " " + _render_list(spec, "choices", doc)[gold]
+    return _render_list(spec, "contexts", doc)[gold], " " + _render(spec, "continuation", doc)
+
+
+def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | None = None, seed: int = 1234,
+                source: str = "local") -> tuple[list[Item], dict[str, Any]]:
+    """Items of the task plus provenance (data hashes, few-shot pool, deviations from the paper)."""
+    split = load_split(spec, source)
+    fs_split = load_split(spec, source, fewshot=True)
+    count = spec["fewshot"]["count"] if num_fewshot is None else num_fewshot
+    pool = fs_split.rows if fs_split else split.rows
+    rows = split.rows if limit is None else split.rows[:limit]
+    description_tpl = spec.get("description")
+    items = []
+    for index, doc in enumerate(rows):
+        shots = _fewshot_indices(spec, pool, fs_split is None, index, doc, count, seed)
+        prefix = _ENV.from_string(description_tpl).render(**doc) if description_tpl else ""
+        prefix += "".join(p + a + "\n\n" for p, a in (_example(spec, pool[i]) for i in shots))
+        gold = int(_render(spec, "gold", doc))
+        if spec["kind"] == "multiple_choice":
+            prompt = prefix + _render(spec, "prompt", doc)
+            choices = _render_list(spec, "choices", doc)
+            requests = [(prompt, " " + c) for c in choices]
+        else:  # multiple_choice_context: the options change the context, the scored continuation is shared
+            choices = _render_list(spec, "contexts", doc)
+            cont = " " + _render(spec, "continuation", doc)
+            requests = [(prefix + c, cont) for c in choices]
+            prompt = prefix + "|".join(choices)
+        if not 0 <= gold < len(requests):
+            raise TaskError(f"{spec.path}: item {index} has gold index {gold} but {len(requests)} choices")
+        items.append(Item(spec.name, index, doc, requests, gold, choices, prompt, shots))
+    provenance = {
+        "data_file": split.file, "data_sha256": split.sha256, "data_status": split.entry.get("status"),
+        "fewshot_file": fs_split.file if fs_split else split.file,
+        "fewshot_sha256": fs_split.sha256 if fs_split else split.sha256,
+        "num_fewshot": count, "fewshot_sampler": spec["fewshot"].get("sampler", "random") if count else None,
+        "deviations": [],
+    }
+    if count and fs_split is None:
+        provenance["deviations"].append(
+            f"few-shot exemplars drawn from the evaluation split ({split.file}) minus the item: no train split "
+            "is carried locally")
+    if limit is not None and limit < len(split.rows):
+        provenance["deviations"].append(f"limit={limit}: {len(rows)} of {len(split.rows)} items")
+    return items, provenance

@@ -1,0 +1,127 @@
+"""Tasks, data, runner and CLI of the evaluation engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evalsuite import data, tasks
+from evalsuite.runner import Runner
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize("name", tasks.available_tasks())
+def test_task_renders_item0_as_golden(name):
+    items, prov = tasks.build_items(tasks.load_spec(name), limit=1)
+    it = items[0]
+    text = f"gold={it.gold}\n" + "".join(
+        f"=== request {i}\n{c!r}\n--- continuation\n{k!r}\n" for i, (c, k) in enumerate(it.requests))
+    assert text == (GOLDEN / f"{name}.txt").read_text()
+    assert it.index not in it.fewshot_indices or prov["fewshot_file"] != prov["data_file"]
+    assert prov["data_sha256"] == data.manifest()[prov["data_file"]]["sha256"]
+
+
+def test_item_is_never_its_own_exemplar_and_sampling_is_per_item():
+    spec = tasks.load_spec("arc_c")
+    items, prov = tasks.build_items(spec, limit=30)
+    assert all(it.index not in it.fewshot_indices and len(it.fewshot_indices) == 25 for it in items)
+    again, _ = tasks.build_items(spec, limit=5)  # exemplars do not depend on limit
+    assert [it.fewshot_indices for it in again] == [it.fewshot_indices for it in items[:5]]
+    assert any("minus the item" in d for d in prov["deviations"])
+
+
+def test_mmlu_exemplars_are_first_five_dev_questions_of_the_subject():
+    items, prov = tasks.build_items(tasks.load_spec("mmlu"), limit=1)
+    dev = data.load_local("mmlu/dev.jsonl.gz").rows
+    subject = items[0].doc["subject"]
+    assert items[0].fewshot_indices == [i for i, r in enumerate(dev) if r["subject"] == subject][:5]
+    assert prov["deviations"] == ["limit=1: 1 of 14042 items"]
+
+
+def test_checksum_mismatch_is_an_error(tmp_path, monkeypatch):
+    import shutil
+    fake = tmp_path / "data"
+    shutil.copytree(data.DATA_DIR, fake)
+    path = fake / "piqa" / "validation.jsonl.gz"
+    raw = bytearray(path.read_bytes())
+    raw[200] ^= 0xFF  # one flipped byte
+    path.write_bytes(bytes(raw))
+    monkeypatch.setattr(data, "DATA_DIR", fake)
+    data.load_local.cache_clear()
+    try:
+        with pytest.raises(data.DataError, match="piqa/validation.jsonl.gz: sha256 .* does not match"):
+            data.load_local("piqa/validation.jsonl.gz")
+    finally:
+        data.load_local.cache_clear()
+
+
+def test_unknown_task_lists_valid_names():
+    with pytest.raises(tasks.TaskError, match="unknown task 'arc_x'.*arc_c, arc_e"):
+        tasks.load_spec("arc_x")
+
+
+@pytest.fixture(scope="module")
+def requests_mixed():
+    out = []
+    for name, limit in (("arc_e", 3), ("winogrande", 2), ("boolq", 2)):
+        items, _ = tasks.build_items(tasks.load_spec(name), limit=limit)
+        out += [r for it in items for r in it.requests]
+    return out
+
+
+def test_runner_same_results_for_batch_size_1_and_16(ours_270m, requests_mixed):
+    one = Runner(ours_270m, batch_size=1, progress=False).loglikelihood(requests_mixed)
+    many = Runner(ours_270m, batch_size=16, progress=False).loglikelihood(requests_mixed)
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(one, many)) <= 1e-4
+    assert [a.is_greedy for a in one] == [b.is_greedy for b in many]
+
+
+def test_packed_context_sharing_equals_scoring_each_request_alone(ours_270m, requests_mixed):
+    from evalsuite.runner import split_pair
+    packed = Runner(ours_270m, progress=False).loglikelihood(requests_mixed)
+    tok = ours_270m.tokenizer
+    seqs, conts = [], []
+    for context, continuation in requests_mixed:
+        context, continuation = split_pair(context, continuation)
+        c = tok.encode(continuation)
+        seqs.append(tok.encode(context, bos=True) + c)
+        conts.append(len(c))
+    alone = ours_270m.token_logprobs(seqs, batch_size=4)
+    for res, lp, n in zip(packed, alone, conts):
+        assert abs(res.logprob - float(lp[-n:].sum())) <= 1e-4
+        assert res.num_tokens == n
+
+
+def _cli(*args, cwd):
+    import os
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "evalsuite", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def test_cli_end_to_end_writes_results(tmp_path):
+    proc = _cli("+tasks=[arc_e,piqa]", "limit=5", f"output_dir={tmp_path / 'out'}", "progress=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing else written
+    (run_dir,) = (tmp_path / "out").iterdir()
+    res = json.loads((run_dir / "results.json").read_text())
+    assert set(res["tasks"]) == {"arc_e", "piqa"}
+    for t in res["tasks"].values():
+        assert t["num_items"] == 5 and 0.0 <= t["metrics"][t["primary"]]["value"] <= 1.0
+        assert len(t["data_sha256"]) == 64
+    assert len(res["model"]["fingerprint_sha256"]) == 64 and res["timing"]["tokens_scored"] > 0
+    lines = (run_dir / "samples_piqa.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and {"prompt", "choices", "logprobs", "predictions", "gold"} <= set(json.loads(lines[0]))
+    assert "| piqa |" in proc.stdout
+
+
+def test_cli_bad_overrides_name_the_valid_choices(tmp_path):
+    proc = _cli("+tasks=arc_x", cwd=tmp_path)
+    assert proc.returncode != 0 and "unknown task 'arc_x'" in proc.stderr and "hellaswag" in proc.stderr
+    proc = _cli("+tasks=arc_e", "model=gemma2_9", cwd=tmp_path)
+    assert proc.returncode != 0 and "gemma2_9b" in proc.stderr  # Hydra lists the model options
