@@ -20,8 +20,7 @@ def main(cfg: DictConfig) -> None:
     if "tasks" not in cfg:
         sys.exit("no tasks given: add +tasks=NAME or +tasks=[A,B]; tasks: "
                  f"{', '.join(tasks.available_tasks())}; suites: {', '.join(evaluate.SUITES)}")
-    names = cfg.tasks if isinstance(cfg.tasks, str) else list(cfg.tasks)
-    names = [names] if isinstance(names, str) else names
+    names = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
     try:
         task_names = evaluate.expand_tasks(names)
     except tasks.TaskError as e:

@@ -121,27 +121,27 @@ class Runner:
         attend = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
         ids, pos, valid, attend, at = (t.to(dev) for t in (ids, pos, valid, attend, at))
         hidden = self.lm.model.hidden(ids, positions=pos, valid=valid, attend=attend)
-        sel = hidden[at]  # row-major order of `at`
-        where = {}  # (row, position) -> index into sel
-        flat = at.nonzero().tolist()
-        for i, (r, p) in enumerate(flat):
-            where[(r, p)] = i
-        # Gather (selected row, target token) for every scored token, then run the head in chunks.
-        rows_idx, toks = [], []
+        sel = hidden[at]  # (n, hidden), row-major order of `at`; each needed position once
+        where = {(r, p): i for i, (r, p) in enumerate(at.nonzero().tolist())}
+        rows_idx, toks = [], []  # for every scored token: its row in `sel` and the token
         for idx, r, pairs in targets:
             for p, t in pairs:
                 rows_idx.append(where[(r, p)])
                 toks.append(t)
         rows_idx_t = torch.tensor(rows_idx, device=dev)
         toks_t = torch.tensor(toks, device=dev)
-        lp_all = torch.empty(len(toks), dtype=torch.float32)
-        greedy_all = torch.empty(len(toks), dtype=torch.bool)
-        for start in range(0, len(toks), self.head_chunk):
-            sl = slice(start, start + self.head_chunk)
-            logits = self.lm.model.head(sel[rows_idx_t[sl]]).float()
+        lp_all = torch.empty(len(toks), dtype=torch.float32, device=dev)
+        greedy_all = torch.empty(len(toks), dtype=torch.bool, device=dev)
+        # The head runs once per selected position (the context's last position is shared by all
+        # choices), in chunks to bound the (chunk, vocab) fp32 logits.
+        for start in range(0, sel.shape[0], self.head_chunk):
+            logits = self.lm.model.head(sel[start:start + self.head_chunk]).float()
             logp = F.log_softmax(logits, dim=-1)
-            lp_all[sl] = logp.gather(-1, toks_t[sl, None])[:, 0].cpu()
-            greedy_all[sl] = (logits.argmax(-1) == toks_t[sl]).cpu()
+            mine = (rows_idx_t >= start) & (rows_idx_t < start + self.head_chunk)
+            local, tk = rows_idx_t[mine] - start, toks_t[mine]
+            lp_all[mine] = logp[local, tk]
+            greedy_all[mine] = logits[local].argmax(-1) == tk
+        lp_all, greedy_all = lp_all.cpu(), greedy_all.cpu()
         self.tokens_forwarded += int(valid.sum())
         self.tokens_scored += len(toks)
         out, k = [], 0

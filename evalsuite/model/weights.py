@@ -156,10 +156,8 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
     # safetensors checks the header, but a file cut short after a valid header is only noticed
     # when a tensor is read (or not at all with mmap): compare the size the header promises.
     try:
-        raw = path.read_bytes()[:8]
-        header_len = int.from_bytes(raw, "little")
         with open(path, "rb") as fh:
-            fh.seek(8)
+            header_len = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(header_len))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except (ValueError, KeyError, TypeError, OSError) as e:
