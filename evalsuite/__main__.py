@@ -25,14 +25,23 @@ def main(cfg: DictConfig) -> None:
         task_names = evaluate.expand_tasks(names)
     except tasks.TaskError as e:
         sys.exit(str(e))
-    if cfg.model.get("backend", "ours") != "ours":
-        sys.exit(f"model.backend={cfg.model.backend!r} is not available yet (only 'ours')")
-    lm = load_model(cfg.model.path, device=cfg.device, dtype=cfg.dtype, preset=cfg.model.get("preset"))
+    if cfg.fewshot_sampler is not None and cfg.fewshot_sampler not in tasks.SAMPLERS:
+        sys.exit(f"fewshot_sampler={cfg.fewshot_sampler!r}: expected null (each task's rule) or one of "
+                 f"{', '.join(tasks.SAMPLERS)}")
+    backend = cfg.model.get("backend", "ours")
+    if backend == "ours":
+        model = load_model(cfg.model.path, device=cfg.device, dtype=cfg.dtype, preset=cfg.model.get("preset"))
+    elif backend == "hf":
+        from .backends import HFBackend
+        model = HFBackend(cfg.model.path, device=cfg.device, dtype=cfg.dtype)
+    else:
+        sys.exit(f"model.backend={backend!r}: expected 'ours' (our Gemma network) or 'hf' (transformers)")
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.model.get('preset') or 'model'}"
     out_dir = Path(cfg.output_dir) / run_id
-    res = evaluate.run(lm, task_names, out_dir, limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=cfg.seed,
+    res = evaluate.run(model, task_names, out_dir, limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=cfg.seed,
                        batch_size=cfg.batch_size, token_budget=cfg.token_budget, data_source=cfg.data.source,
-                       progress=cfg.progress, config=OmegaConf.to_container(cfg, resolve=True))
+                       progress=cfg.progress, chat=cfg.chat, fewshot_sampler=cfg.fewshot_sampler,
+                       share_prefix=cfg.share_prefix, config=OmegaConf.to_container(cfg, resolve=True))
     print(evaluate.summary_markdown(res))
     print(f"results: {out_dir / 'results.json'}")
 

