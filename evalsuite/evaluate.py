@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import metrics, tasks
+from . import metrics, scorers, tasks
 from .backends import as_backend
 from .runner import Runner
 
 # Rows of the Gemma 2 paper's table that exist as tasks so far.
-SUITES = {"paper": ["mmlu", "arc_c", "arc_e", "hellaswag", "winogrande", "piqa", "siqa", "boolq"]}
+SUITES = {"paper": ["mmlu", "arc_c", "arc_e", "gsm8k", "hellaswag", "winogrande", "piqa", "siqa", "boolq"]}
 
 
 def expand_tasks(names: list[str]) -> list[str]:
@@ -47,31 +47,43 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
         spec = tasks.load_spec(name)
         built[name] = (spec, *tasks.build_items(spec, num_fewshot, limit, seed, data_source, chat=chat,
                                                 sampler=fewshot_sampler))
-    # All tasks' requests are pooled so batching and context sharing work across tasks.
-    requests = [r for _, items, _ in built.values() for it in items for r in it.requests]
+    # All tasks' requests are pooled, per request type, so batching and sharing work across tasks.
+    ll_requests = [r for spec, items, _ in built.values() if spec["kind"] != "generate" for it in items
+                   for r in it.requests]
+    gen_requests = [it.requests[0] for spec, items, _ in built.values() if spec["kind"] == "generate" for it in items]
     runner = Runner(backend, batch_size=batch_size, token_budget=token_budget, progress=progress,
                     share_prefix=share_prefix)
     t0 = time.perf_counter()
-    results = runner.loglikelihood(requests)
+    ll_results = runner.loglikelihood(ll_requests) if ll_requests else []
+    gen_results = runner.generate_until(gen_requests) if gen_requests else []
     score_seconds = time.perf_counter() - t0
-    k = 0
+    k = g = 0
     report: dict[str, Any] = {}
     for name, (spec, items, prov) in built.items():
         per_metric: dict[str, list[float]] = {m: [] for m in spec["metrics"]}
         with open(out_dir / f"samples_{name}.jsonl", "w") as fh:
             for it in items:
-                res = results[k:k + len(it.requests)]
-                k += len(it.requests)
-                lps = [r.logprob for r in res]
-                preds = metrics.choice_predictions(lps, it.choices)
+                if spec["kind"] == "generate":
+                    res = gen_results[g]
+                    g += 1
+                    got = scorers.SCORERS[spec["scorer"]](res.text, it.doc)
+                    record = {"index": it.index, "prompt": it.prompt, "generation": res.text, "finish": res.finish,
+                              "num_tokens": len(res.tokens), "target": it.gold,
+                              "scores": {m: got[m] for m in spec["metrics"]}}
+                else:
+                    res = ll_results[k:k + len(it.requests)]
+                    k += len(it.requests)
+                    lps = [r.logprob for r in res]
+                    preds = metrics.choice_predictions(lps, it.choices)
+                    got = {m: float(preds[m] == it.gold) for m in spec["metrics"]}
+                    record = {"index": it.index, "prompt": it.prompt, "choices": it.choices, "gold": it.gold,
+                              "logprobs": lps, "is_greedy": [r.is_greedy for r in res],
+                              "num_tokens": [r.num_tokens for r in res],
+                              "predictions": {m: preds[m] for m in spec["metrics"]}}
                 for m in spec["metrics"]:
-                    per_metric[m].append(float(preds[m] == it.gold))
-                fh.write(json.dumps({
-                    "index": it.index, "prompt": it.prompt, "choices": it.choices, "gold": it.gold,
-                    "logprobs": lps, "is_greedy": [r.is_greedy for r in res], "num_tokens": [r.num_tokens for r in res],
-                    "predictions": {m: preds[m] for m in spec["metrics"]}, "fewshot_indices": it.fewshot_indices,
-                    "doc": it.doc,
-                }, ensure_ascii=False) + "\n")
+                    per_metric[m].append(got[m])
+                record.update(fewshot_indices=it.fewshot_indices, doc=it.doc)
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         scores = {}
         for m, vals in per_metric.items():
             mean, se = metrics.mean_stderr(vals)
@@ -84,8 +96,8 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
         "config": config or {}, "model": backend.describe(),
         "tasks": report,
         "timing": {"wall_seconds": time.perf_counter() - t_start, "scoring_seconds": score_seconds,
-                   "requests": len(requests), "tokens_scored": runner.tokens_scored,
-                   "tokens_forwarded": runner.tokens_forwarded,
+                   "requests": len(ll_requests) + len(gen_requests), "tokens_scored": runner.tokens_scored,
+                   "tokens_forwarded": runner.tokens_forwarded, "tokens_generated": runner.tokens_generated,
                    "tokens_per_second": runner.tokens_forwarded / score_seconds if score_seconds else None},
     }
     (out_dir / "results.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
@@ -103,6 +115,7 @@ def summary_markdown(res: dict) -> str:
             lines.append(f"| {name} | {m}{mark} | {100 * s['value']:.2f} | {100 * s['stderr']:.2f} | "
                          f"{t['num_items']} | {t['num_fewshot']} | {'; '.join(t['deviations'])} |")
     tm = res["timing"]
-    lines += ["", f"{tm['requests']} requests, {tm['tokens_forwarded']} tokens forwarded in "
-                  f"{tm['scoring_seconds']:.1f}s ({tm['tokens_per_second'] or 0:.0f} tokens/s); wall {tm['wall_seconds']:.1f}s"]
+    lines += ["", f"{tm['requests']} requests, {tm['tokens_forwarded']} tokens forwarded and "
+                  f"{tm.get('tokens_generated', 0)} generated in {tm['scoring_seconds']:.1f}s "
+                  f"({tm['tokens_per_second'] or 0:.0f} tokens forwarded/s); wall {tm['wall_seconds']:.1f}s"]
     return "\n".join(lines) + "\n"

@@ -29,12 +29,12 @@ from typing import Any
 import jinja2
 import yaml
 
-from . import data
-from .runner import Chat, Loglikelihood
+from . import data, scorers
+from .runner import Chat, Generation, Loglikelihood
 
 TASKS_DIR = Path(os.environ.get("EVALSUITE_TASKS_DIR", Path(__file__).resolve().parents[1] / "tasks"))
-KINDS = ("multiple_choice", "multiple_choice_context")
-METRICS = ("acc", "acc_norm", "acc_bytes")
+KINDS = ("multiple_choice", "multiple_choice_context", "generate")
+METRICS = ("acc", "acc_norm", "acc_bytes")  # multiple-choice kinds; a generate task's come from its scorer
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
@@ -58,12 +58,12 @@ class TaskSpec:
 
 @dataclass
 class Item:
-    """One evaluated question: its requests are (context, continuation) pairs, one per choice."""
+    """One evaluated question: one Loglikelihood request per choice, or one Generation request."""
     task: str
     index: int  # row index in the evaluation split
     doc: dict[str, Any]
-    requests: list[Loglikelihood]
-    gold: int
+    requests: list[Loglikelihood] | list[Generation]
+    gold: Any  # index of the right choice; for a generate task, the rendered target
     choices: list[str]
     prompt: str
     fewshot_indices: list[int] = field(default_factory=list)
@@ -79,14 +79,24 @@ def load_spec(name: str) -> TaskSpec:
     if not path.exists():
         raise TaskError(f"unknown task {name!r}; available tasks: {', '.join(available_tasks())}")
     raw = yaml.safe_load(path.read_text())
-    for key in ("name", "version", "data", "fields", "fewshot", "kind", "gold", "metrics", "primary"):
+    for key in ("name", "version", "data", "fields", "fewshot", "kind", "metrics", "primary"):
         if key not in raw:
             raise TaskError(f"{path}: missing field {key!r}")
+    if raw["kind"] != "generate" and "gold" not in raw:
+        raise TaskError(f"{path}: missing field 'gold' (the index of the right choice)")
     if raw["kind"] not in KINDS:
         raise TaskError(f"{path}: kind={raw['kind']!r}, expected one of {KINDS}")
-    bad = [m for m in raw["metrics"] if m not in METRICS]
+    allowed = METRICS
+    if raw["kind"] == "generate":
+        for key in ("prompt", "target", "scorer", "generation"):
+            if key not in raw:
+                raise TaskError(f"{path}: a generate task needs field {key!r}")
+        if raw["scorer"] not in scorers.SCORERS:
+            raise TaskError(f"{path}: scorer={raw['scorer']!r}, expected one of {sorted(scorers.SCORERS)}")
+        allowed = scorers.SCORERS[raw["scorer"]].METRICS
+    bad = [m for m in raw["metrics"] if m not in allowed]
     if bad:
-        raise TaskError(f"{path}: unknown metric(s) {bad}, expected some of {METRICS}")
+        raise TaskError(f"{path}: unknown metric(s) {bad}, expected some of {allowed}")
     return TaskSpec(raw["name"], path, raw)
 
 
@@ -149,10 +159,17 @@ def _fewshot_indices(spec: TaskSpec, candidates: list[int], group, pool_is_eval:
 
 def _example(spec: TaskSpec, doc: dict) -> tuple[str, str]:
     """A solved example: (prompt part, answer part) as it appears in a few-shot prefix."""
+    if spec["kind"] == "generate":
+        return _render(spec, "prompt", doc), " " + _render(spec, "target", doc)
     gold = int(_render(spec, "gold", doc))
     if spec["kind"] == "multiple_choice":
         return _render(spec, "prompt", doc), " " + _render_list(spec, "choices", doc)[gold]
     return _render_list(spec, "contexts", doc)[gold], " " + _render(spec, "continuation", doc)
+
+
+def _chat_turns(description: str, examples: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    turns = tuple((p.strip(), a.strip()) for p, a in examples)
+    return ((description + turns[0][0], turns[0][1]),) + turns[1:] if turns else ()
 
 
 def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | None = None, seed: int = 1234,
@@ -183,6 +200,15 @@ def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | Non
         description = _template(description_tpl).render(**doc) if description_tpl else ""
         examples = [_example(spec, pool[i]) for i in shots]
         prefix = description + "".join(p + a + "\n\n" for p, a in examples)
+        if spec["kind"] == "generate":
+            question = _render(spec, "prompt", doc)
+            gen = spec["generation"]
+            context = (Chat(_chat_turns(description, examples), (description if not examples else "") + question)
+                       if chat else prefix + question)
+            request = Generation(context, stop=tuple(gen.get("stop", ())), max_tokens=int(gen.get("max_tokens", 256)))
+            items.append(Item(spec.name, index, doc, [request], _render(spec, "target", doc), [], prefix + question,
+                              shots))
+            continue
         gold = int(_render(spec, "gold", doc))
         if spec["kind"] == "multiple_choice":
             question = _render(spec, "prompt", doc)
@@ -194,9 +220,7 @@ def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | Non
             contexts, continuations = choices, [" " + _render(spec, "continuation", doc)] * len(choices)
             prompt = prefix + "|".join(choices)
         if chat:
-            turns = tuple((p.strip(), a.strip()) for p, a in examples)
-            if turns:
-                turns = ((description + turns[0][0], turns[0][1]),) + turns[1:]
+            turns = _chat_turns(description, examples)
             requests = [Loglikelihood(Chat(turns, (description if not turns else "") + c), k)
                         for c, k in zip(contexts, continuations)]
         else:

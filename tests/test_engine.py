@@ -19,8 +19,11 @@ GOLDEN = Path(__file__).parent / "golden"
 def test_task_renders_item0_as_golden(name):
     items, prov = tasks.build_items(tasks.load_spec(name), limit=1)
     it = items[0]
-    text = f"gold={it.gold}\n" + "".join(
-        f"=== request {i}\n{r.context!r}\n--- continuation\n{r.continuation!r}\n" for i, r in enumerate(it.requests))
+    text = f"gold={it.gold!r}\n" if isinstance(it.gold, str) else f"gold={it.gold}\n"
+    for i, r in enumerate(it.requests):
+        tail = (f"--- continuation\n{r.continuation!r}\n" if hasattr(r, "continuation")
+                else f"--- stop={list(r.stop)!r} max_tokens={r.max_tokens}\n")
+        text += f"=== request {i}\n{r.context!r}\n" + tail
     assert text == (GOLDEN / f"{name}.txt").read_text()
     assert it.index not in it.fewshot_indices or prov["fewshot_file"] != prov["data_file"]
     assert prov["data_sha256"] == data.manifest()[prov["data_file"]]["sha256"]

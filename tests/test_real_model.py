@@ -57,3 +57,19 @@ def test_greedy_continuation_matches_transformers(ours_270m, hf_270m):
         ref = hf_270m.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
     assert ours == ref
     assert ours_270m.tokenizer.decode(ours).startswith(" the capital of")
+
+
+def test_gsm8k_greedy_generations_match_transformers_generate(ours_270m, hf_270m):
+    """The first 20 GSM8K test prompts, 5-shot, as the gsm8k task builds them: our batched KV-cached
+    decoding (stop strings, max 256 tokens) against transformers' generate, token for token."""
+    from evalsuite import tasks
+    from evalsuite.runner import Runner
+    items, _ = tasks.build_items(tasks.load_spec("gsm8k"), limit=20)
+    reqs = [it.requests[0] for it in items]
+    ours = Runner(ours_270m, batch_size=20, progress=False).generate_until(reqs)
+    assert sum(r.finish == "stop" for r in ours) >= 5  # the stop strings are exercised, not only the length cap
+    for req, res in zip(reqs, ours):
+        ids = ours_270m.tokenizer.encode(req.context, bos=True)
+        with torch.no_grad():  # as many tokens as we produced: up to and including the one completing a stop
+            ref = hf_270m.generate(torch.tensor([ids]), max_new_tokens=len(res.tokens), do_sample=False)
+        assert res.tokens == ref[0, len(ids):].tolist()

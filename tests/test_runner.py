@@ -175,3 +175,16 @@ def test_chat_items_score_through_the_runner(ours):
     shared = Runner(ours, progress=False).loglikelihood(reqs)
     plain = Runner(ours, progress=False, share_prefix=False).loglikelihood(reqs)
     assert max(abs(a.logprob - b.logprob) for a, b in zip(shared, plain)) <= 1e-4
+
+
+def test_evaluate_runs_generate_and_choice_tasks_together(ours, tmp_path):
+    import json
+    from evalsuite import evaluate
+    res = evaluate.run(ours, ["gsm8k", "piqa"], tmp_path, limit=2, num_fewshot=1, progress=False)
+    g = res["tasks"]["gsm8k"]
+    assert g["num_items"] == 2 and set(g["metrics"]) == {"exact_match_strict", "exact_match_flexible"}
+    assert res["timing"]["tokens_generated"] > 0 and res["tasks"]["piqa"]["num_items"] == 2
+    rec = json.loads((tmp_path / "samples_gsm8k.jsonl").read_text().splitlines()[0])
+    assert rec["finish"] in ("stop", "eos", "length") and rec["target"].endswith("#### 18")
+    assert set(rec["scores"]) == {"exact_match_strict", "exact_match_flexible"}
+    assert "| gsm8k | exact_match_flexible (primary) |" in (tmp_path / "summary.md").read_text()

@@ -1,0 +1,56 @@
+"""Answer extraction and scoring of generated answers, on hand-worked cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from evalsuite import scorers, tasks
+
+
+@pytest.mark.parametrize("text, strict, flexible", [
+    (" She sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 18", "18", "18"),
+    (" The answer is $1,234.50.", scorers.INVALID, "1234.50"),  # no "####": strict fails, flexible reads it
+    (" So 5 apples.\n#### 5.\n\n", "5", "5"),  # trailing period dropped
+    (" Total: -7 degrees\n#### -7", "-7", "-7"),
+    (" #### 12 and then 13 more", "12", "13"),  # flexible takes the last number
+    (" I do not know.", scorers.INVALID, scorers.INVALID),
+    (" it costs $3", scorers.INVALID, "3"),  # "$3" is a 2-character span; "$" then dropped
+])
+def test_gsm8k_extraction(text, strict, flexible):
+    assert scorers.gsm8k_extract(text) == {"strict": strict, "flexible": flexible}
+
+
+def test_gsm8k_reference_and_score():
+    doc = {"question": "?", "answer": "Work: 1,000 + 234 = <<1000+234=1234>>1234\n#### 1,234"}
+    assert scorers.gsm8k_reference(doc["answer"]) == "1234"
+    assert scorers.gsm8k(" 1000 + 234 = 1234\n#### 1,234", doc) == {"exact_match_strict": 1.0,
+                                                                     "exact_match_flexible": 1.0}
+    assert scorers.gsm8k(" It is 1234, not 1235", doc) == {"exact_match_strict": 0.0, "exact_match_flexible": 0.0}
+    assert scorers.gsm8k(" It is 1235, no, 1234", doc) == {"exact_match_strict": 0.0, "exact_match_flexible": 1.0}
+
+
+def test_generate_task_spec_builds_generation_requests():
+    items, prov = tasks.build_items(tasks.load_spec("gsm8k"), limit=3)
+    req = items[0].requests[0]
+    assert req.stop == ("Question:", "</s>", "<|im_end|>") and req.max_tokens == 256
+    assert req.context.count("Question:") == 6 and req.context.endswith("\nAnswer:")
+    assert req.context.startswith("Question: ")  # no description line for GSM8K
+    assert items[0].gold.endswith("#### 18") and prov["fewshot_file"] == "gsm8k/train.jsonl.gz"
+    assert len({it.requests[0].context.split("Question: ")[-1] for it in items}) == 3
+    # One shared few-shot block: everything before the last "Question:" is the same for all items.
+    assert len({it.requests[0].context.rsplit("Question: ", 1)[0] for it in items}) == 1
+
+
+def test_unknown_scorer_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "task.yaml").write_text(
+        "name: bad\nversion: 1\ndata: {file: gsm8k/test.jsonl.gz}\nfields: [question, answer]\nfewshot: {count: 0}\n"
+        "kind: generate\nprompt: 'Q'\ntarget: 'A'\ngeneration: {max_tokens: 4}\nscorer: gsm9k\n"
+        "metrics: [exact_match_strict]\nprimary: exact_match_strict\n")
+    monkeypatch.setattr(tasks, "TASKS_DIR", tmp_path)
+    tasks.load_spec.cache_clear()
+    try:
+        with pytest.raises(tasks.TaskError, match="scorer='gsm9k', expected one of .*gsm8k"):
+            tasks.load_spec("bad")
+    finally:
+        tasks.load_spec.cache_clear()
