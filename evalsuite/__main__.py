@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
                  f"{', '.join(tasks.available_tasks())}; suites: {', '.join(evaluate.SUITES)}")
     names = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
     try:
-        task_names = evaluate.expand_tasks(names)
+        task_names, skipped = evaluate.expand_tasks(names, cfg.data.source)
     except tasks.TaskError as e:
         sys.exit(str(e))
     if cfg.fewshot_sampler is not None and cfg.fewshot_sampler not in tasks.SAMPLERS:
@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
     res = evaluate.run(model, task_names, out_dir, limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=cfg.seed,
                        batch_size=cfg.batch_size, token_budget=cfg.token_budget, data_source=cfg.data.source,
                        progress=cfg.progress, chat=cfg.chat, fewshot_sampler=cfg.fewshot_sampler,
-                       share_prefix=cfg.share_prefix, config=OmegaConf.to_container(cfg, resolve=True))
+                       share_prefix=cfg.share_prefix, skipped=skipped, config=OmegaConf.to_container(cfg, resolve=True))
     print(evaluate.summary_markdown(res))
     print(f"results: {out_dir / 'results.json'}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -14,17 +15,25 @@ from .backends import as_backend
 from .runner import Runner
 
 # Rows of the Gemma 2 paper's table that exist as tasks so far.
-SUITES = {"paper": ["mmlu", "arc_c", "arc_e", "gsm8k", "hellaswag", "winogrande", "piqa", "siqa", "boolq"]}
+SUITES = {"paper": ["mmlu", "arc_c", "arc_e", "gsm8k", "bbh", "triviaqa", "nq", "hellaswag", "winogrande", "piqa", "siqa",
+                    "boolq"]}
 
 
-def expand_tasks(names: list[str]) -> list[str]:
+def expand_tasks(names: list[str], data_source: str = "local") -> tuple[list[str], dict[str, str]]:
+    """Task names to run, and the suite members left out (name -> why): with data.source=local, a
+    suite skips the tasks that have no local copy; a task named on its own is never skipped."""
     out: list[str] = []
+    skipped: dict[str, str] = {}
     for n in names:
         for t in SUITES.get(n, [n]):
-            tasks.load_spec(t)  # unknown names fail here, listing the valid ones
-            if t not in out:
+            spec = tasks.load_spec(t)  # unknown names fail here, listing the valid ones
+            if data_source == "local" and not spec["data"].get("file"):
+                if n not in SUITES:
+                    raise tasks.TaskError(tasks.no_local_copy(spec))
+                skipped[t] = f"no local copy of {spec['data']['hub']['id']}; run with data.source=hub"
+            elif t not in out:
                 out.append(t)
-    return out
+    return out, skipped
 
 
 def git_commit() -> str | None:
@@ -37,7 +46,7 @@ def git_commit() -> str | None:
 
 def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=None, seed=1234,
         batch_size=16, token_budget=16384, data_source="local", progress=True, chat=False, fewshot_sampler=None,
-        share_prefix=True, config: dict | None = None) -> dict:
+        share_prefix=True, skipped: dict[str, str] | None = None, config: dict | None = None) -> dict:
     """model: a LoadedModel (our network) or a backend from evalsuite.backends."""
     backend = as_backend(model)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,17 +93,30 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
                     per_metric[m].append(got[m])
                 record.update(fewshot_indices=it.fewshot_indices, doc=it.doc)
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        scores = {}
+        scores, groups = {}, {}
+        macro_by = spec.get("macro_by")
         for m, vals in per_metric.items():
-            mean, se = metrics.mean_stderr(vals)
+            if macro_by:  # mean of the subtask means; stderr from the subtasks' independent stderrs
+                by: dict[str, list[float]] = {}
+                for it, v in zip(items, vals):
+                    by.setdefault(str(it.doc[macro_by]), []).append(v)
+                sub = {g: metrics.mean_stderr(v) for g, v in by.items()}
+                for g, (mean, se) in sub.items():
+                    groups.setdefault(g, {"num_items": len(by[g])})[m] = {"value": mean, "stderr": se}
+                mean = sum(v[0] for v in sub.values()) / len(sub)
+                se = math.sqrt(sum(v[1] ** 2 for v in sub.values() if v[1] == v[1])) / len(sub)
+            else:
+                mean, se = metrics.mean_stderr(vals)
             scores[m] = {"value": mean, "stderr": se}
         report[name] = {"paper_row": spec["paper_row"], "version": spec["version"], "primary": spec["primary"],
                         "metrics": scores, "num_items": len(items), **prov}
+        if macro_by:
+            report[name].update(aggregation=f"macro average over {len(groups)} {macro_by} groups", groups=groups)
     out = {
         "evalsuite_version": "0.1.0", "git_commit": git_commit(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": config or {}, "model": backend.describe(),
-        "tasks": report,
+        "tasks": report, "skipped_tasks": skipped or {},
         "timing": {"wall_seconds": time.perf_counter() - t_start, "scoring_seconds": score_seconds,
                    "requests": len(ll_requests) + len(gen_requests), "tokens_scored": runner.tokens_scored,
                    "tokens_forwarded": runner.tokens_forwarded, "tokens_generated": runner.tokens_generated,
@@ -114,6 +136,8 @@ def summary_markdown(res: dict) -> str:
             mark = " (primary)" if m == t["primary"] else ""
             lines.append(f"| {name} | {m}{mark} | {100 * s['value']:.2f} | {100 * s['stderr']:.2f} | "
                          f"{t['num_items']} | {t['num_fewshot']} | {'; '.join(t['deviations'])} |")
+    for name, why in res.get("skipped_tasks", {}).items():
+        lines.append(f"| {name} | not run | | | | | {why} |")
     tm = res["timing"]
     lines += ["", f"{tm['requests']} requests, {tm['tokens_forwarded']} tokens forwarded and "
                   f"{tm.get('tokens_generated', 0)} generated in {tm['scoring_seconds']:.1f}s "

@@ -22,6 +22,7 @@ Results always come back in input order.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,7 @@ class Generation:
     top_k: int = 0  # 0: off
     top_p: float = 1.0
     seed: int = 0  # sampling generator seed, per request, so outputs do not depend on batching
+    shared_prefix: int = 0  # leading characters of `context` shared by many requests (few-shot block)
 
 
 @dataclass(frozen=True)
@@ -274,32 +276,42 @@ class Runner:
     # ---- generation ---------------------------------------------------------------------------
     @torch.inference_mode()
     def generate_until(self, requests: list[Generation]) -> list[GenerationResult]:
-        """Batched KV-cached decoding. Prompts are left-padded (positions count real tokens only);
+        """Batched KV-cached decoding. Prompts are left-padded (positions count real tokens only); a
+        few-shot prefix shared by several prompts is run once and its KV expanded under each batch;
         finished rows leave the batch; stop strings are matched on the decoded text."""
-        prompts = []
+        encoded = []
         for idx, req in enumerate(requests):
-            pre, body = self.encode_context(req.context)
-            ids = pre + body
-            if len(ids) + req.max_tokens > self.max_length:
-                raise ValueError(f"generation request {idx}: {len(ids)} prompt tokens + max_tokens={req.max_tokens} "
-                                 f"exceed the maximum length {self.max_length}")
-            prompts.append(ids)
-        order = sorted(range(len(requests)), key=lambda i: -len(prompts[i]))
+            pre, body = self.encode_context(req.context, req.shared_prefix)
+            if len(pre) + len(body) + req.max_tokens > self.max_length:
+                raise ValueError(f"generation request {idx}: {len(pre) + len(body)} prompt tokens + max_tokens="
+                                 f"{req.max_tokens} exceed the maximum length {self.max_length}")
+            encoded.append((pre, body))
+        uses = Counter(pre for pre, _ in encoded if pre)
+        groups: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}
+        for idx, (pre, body) in enumerate(encoded):
+            if pre and body and uses[pre] > 1 and self.backend.packing and self.share_prefix:
+                groups.setdefault(pre, []).append((idx, body))
+            else:
+                groups.setdefault((), []).append((idx, pre + body))
         results: list[GenerationResult | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="generate_until", unit="req", disable=not self.progress)
-        start = 0
-        while start < len(order):
-            longest = len(prompts[order[start]]) + requests[order[start]].max_tokens
-            cap = max(1, min(self.batch_size, self.token_budget // longest))
-            chunk = order[start:start + cap]
-            for i, res in zip(chunk, self._generate_batch([prompts[i] for i in chunk], [requests[i] for i in chunk])):
-                results[i] = res
-            bar.update(len(chunk))
-            start += len(chunk)
+        for pre, members in groups.items():
+            cache = self._prefix_cache(pre) if pre else None
+            members.sort(key=lambda m: -len(m[1]))
+            start = 0
+            while start < len(members):
+                longest = len(pre) + len(members[start][1]) + max(requests[i].max_tokens for i, _ in members[start:])
+                cap = max(1, min(self.batch_size, self.token_budget // longest))
+                chunk = members[start:start + cap]
+                outs = self._generate_batch([p for _, p in chunk], [requests[i] for i, _ in chunk], cache, len(pre))
+                for (i, _), res in zip(chunk, outs):
+                    results[i] = res
+                bar.update(len(chunk))
+                start += len(chunk)
         bar.close()
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts, reqs) -> list[GenerationResult]:
+    def _generate_batch(self, prompts, reqs, prefix_cache=None, P: int = 0) -> list[GenerationResult]:
         be, dev = self.backend, self.backend.device
         b, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((b, width), be.tokenizer.pad_id, dtype=torch.long)
@@ -307,10 +319,10 @@ class Runner:
         pos = torch.zeros(b, width, dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, width - len(p):], valid[r, width - len(p):] = torch.tensor(p), True
-            pos[r, width - len(p):] = torch.arange(len(p))
-        next_pos = torch.tensor([len(p) for p in prompts])
+            pos[r, width - len(p):] = torch.arange(P, P + len(p))
+        next_pos = torch.tensor([P + len(p) for p in prompts])
         gens = [torch.Generator().manual_seed(q.seed) for q in reqs]
-        cache = be.new_cache()
+        cache = be.expand_cache(prefix_cache, b) if prefix_cache is not None else be.new_cache()
         h = be.hidden(ids.to(dev), pos.to(dev), valid.to(dev), cache=cache)[:, -1]
         self.tokens_forwarded += int(valid.sum())
         active = list(range(b))  # original row of each live batch row

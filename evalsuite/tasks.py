@@ -119,12 +119,22 @@ def _render_list(spec: TaskSpec, key: str, doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def no_local_copy(spec: TaskSpec) -> str:
+    d = spec["data"]
+    return (f"{spec.path}: task {spec.name!r} has no local copy of its data in evalsuite/data "
+            f"({d.get('why_not_local', 'not carried')}); run it with data.source=hub, which loads "
+            f"{d['hub']['id']} ({d['hub'].get('config')}, {d['hub']['split']}) with datasets.load_dataset "
+            "(needs the Hugging Face hub and `pip install datasets`)")
+
+
 def load_split(spec: TaskSpec, source: str = "local", fewshot: bool = False) -> data.Split | None:
     d, fs = spec["data"], spec["fewshot"]
     fields = tuple(spec["fields"])
     if fewshot and not fs.get("file") and not (source == "hub" and fs.get("hub_split")):
         return None  # no few-shot split: the pool is the evaluation split minus the item
     if source == "local":
+        if not d.get("file"):
+            raise TaskError(no_local_copy(spec))
         return data.load_local(fs["file"] if fewshot else d["file"], fields)
     if source == "hub":
         hub = d["hub"]
@@ -187,26 +197,53 @@ def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | Non
     if sampler not in SAMPLERS:
         raise TaskError(f"fewshot_sampler={sampler!r}: expected one of {SAMPLERS}")
     pool = fs_split.rows if fs_split else split.rows
-    rows = split.rows if limit is None else split.rows[:limit]
+    # (row index, row) to evaluate; with `macro_by` (a task of subtasks), `limit` applies per subtask.
+    macro_by = spec.get("macro_by")
+    if limit is None:
+        rows = list(enumerate(split.rows))
+    elif macro_by:
+        seen: dict[Any, int] = {}
+        rows = []
+        for i, row in enumerate(split.rows):
+            seen[row[macro_by]] = seen.get(row[macro_by], 0) + 1
+            if seen[row[macro_by]] <= limit:
+                rows.append((i, row))
+    else:
+        rows = list(enumerate(split.rows[:limit]))
     same = spec["fewshot"].get("same")
     groups: dict[Any, list[int]] = {}
     for i, row in enumerate(pool):
         groups.setdefault(row[same] if same else None, []).append(i)
     description_tpl = spec.get("description")
+    # `join`: rows of another carried file, matched on a field, visible to templates under a name
+    # (BBH: each subtask's published chain-of-thought prompt).
+    join = spec.get("join")
+    joined: dict[Any, dict] = {}
+    if join:
+        for row in data.load_local(join["file"]).rows:
+            joined[row[join["key"]]] = row
     items = []
-    for index, doc in enumerate(rows):
+    for index, doc in rows:
         group = doc[same] if same else None
         shots = _fewshot_indices(spec, groups.get(group, []), group, fs_split is None, index, count, seed, sampler)
+        item_doc = doc  # what samples_<task>.jsonl records (without joined rows)
+        if join:
+            if doc[join["key"]] not in joined:
+                key = join["key"]
+                raise TaskError(f"{spec.path}: item {index}: no row with {key}={doc[key]!r} in {join['file']}")
+            doc = {**doc, join["as"]: joined[doc[join["key"]]]}
         description = _template(description_tpl).render(**doc) if description_tpl else ""
         examples = [_example(spec, pool[i]) for i in shots]
-        prefix = description + "".join(p + a + "\n\n" for p, a in examples)
+        delimiter = spec["fewshot"].get("delimiter", "\n\n")
+        prefix = description + "".join(p + a + delimiter for p, a in examples)
         if spec["kind"] == "generate":
             question = _render(spec, "prompt", doc)
             gen = spec["generation"]
             context = (Chat(_chat_turns(description, examples), (description if not examples else "") + question)
                        if chat else prefix + question)
-            request = Generation(context, stop=tuple(gen.get("stop", ())), max_tokens=int(gen.get("max_tokens", 256)))
-            items.append(Item(spec.name, index, doc, [request], _render(spec, "target", doc), [], prefix + question,
+            request = Generation(context, stop=tuple(gen.get("stop", ())), max_tokens=int(gen.get("max_tokens", 256)),
+                                 shared_prefix=0 if chat else len(prefix))
+            items.append(Item(spec.name, index, item_doc, [request], _render(spec, "target", doc), [], prefix + question,
                               shots))
             continue
         gold = int(_render(spec, "gold", doc))
@@ -227,18 +264,24 @@ def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | Non
             requests = [Loglikelihood(prefix + c, k, shared_prefix=len(prefix)) for c, k in zip(contexts, continuations)]
         if not 0 <= gold < len(requests):
             raise TaskError(f"{spec.path}: item {index} has gold index {gold} but {len(requests)} choices")
-        items.append(Item(spec.name, index, doc, requests, gold, choices, prompt, shots))
+        items.append(Item(spec.name, index, item_doc, requests, gold, choices, prompt, shots))
     provenance = {
         "data_file": split.file, "data_sha256": split.sha256, "data_status": split.entry.get("status"),
         "fewshot_file": fs_split.file if fs_split else split.file,
         "fewshot_sha256": fs_split.sha256 if fs_split else split.sha256,
-        "num_fewshot": count, "fewshot_sampler": sampler if count else None, "chat_format": chat,
+        "num_fewshot": count or spec["fewshot"].get("in_prompt", 0),
+        "fewshot_sampler": sampler if count else ("fixed prompt text" if spec["fewshot"].get("in_prompt") else None),
+        "chat_format": chat,
         "deviations": [],
     }
     if count and fs_split is None:
         provenance["deviations"].append(
             f"few-shot exemplars drawn from the evaluation split ({split.file}) minus the item: no train split "
             "is carried locally")
-    if limit is not None and limit < len(split.rows):
-        provenance["deviations"].append(f"limit={limit}: {len(rows)} of {len(split.rows)} items")
+    if join:
+        provenance["fewshot_file"] = join["file"]
+        provenance["fewshot_sha256"] = data.load_local(join["file"]).sha256
+    if limit is not None and len(rows) < len(split.rows):
+        per = f" per {macro_by}" if macro_by else ""
+        provenance["deviations"].append(f"limit={limit}{per}: {len(rows)} of {len(split.rows)} items")
     return items, provenance

@@ -66,10 +66,12 @@ def test_gsm8k_greedy_generations_match_transformers_generate(ours_270m, hf_270m
     from evalsuite.runner import Runner
     items, _ = tasks.build_items(tasks.load_spec("gsm8k"), limit=20)
     reqs = [it.requests[0] for it in items]
-    ours = Runner(ours_270m, batch_size=20, progress=False).generate_until(reqs)
+    ours = Runner(ours_270m, batch_size=20, progress=False).generate_until(reqs)  # shares the 5-shot prefix
     assert sum(r.finish == "stop" for r in ours) >= 5  # the stop strings are exercised, not only the length cap
+    runner = Runner(ours_270m, progress=False)
     for req, res in zip(reqs, ours):
-        ids = ours_270m.tokenizer.encode(req.context, bos=True)
+        pre, body = runner.encode_context(req.context, req.shared_prefix)  # the tokens we decoded from
+        ids = list(pre + body)
         with torch.no_grad():  # as many tokens as we produced: up to and including the one completing a stop
             ref = hf_270m.generate(torch.tensor([ids]), max_new_tokens=len(res.tokens), do_sample=False)
         assert res.tokens == ref[0, len(ids):].tolist()

@@ -18,7 +18,8 @@ FEWSHOT = "".join(f"Question: What is {i} plus {i}?\nAnswer: {2 * i}\n\n" for i 
 def tiny_folder(tmp_path_factory, gemma2_tokenizer_json):
     # Window 7 is far shorter than the few-shot prefix, so sliding layers cross the prefix boundary.
     cfg = tiny_config("gemma2", vocab_size=256000, hidden_size=32, intermediate_size=64, num_heads=2,
-                      num_kv_heads=1, head_dim=16, query_pre_attn_scalar=16, num_layers=3)
+                      num_kv_heads=1, head_dim=16, query_pre_attn_scalar=16, num_layers=3,
+                      max_position_embeddings=4096)
     folder = tmp_path_factory.mktemp("tiny_gemma2")
     write_hf_checkpoint(cfg, folder, seed=3, tokenizer_json=gemma2_tokenizer_json)
     return folder
@@ -101,11 +102,13 @@ def test_rolling_loglikelihood_windows(ours):
 
 
 def _gen_requests():
+    shared = [Generation(FEWSHOT + f"Question: What is {q}?\nAnswer:", stop=("\n\n",), max_tokens=10,
+                         shared_prefix=len(FEWSHOT)) for q in ("3 plus 4", "8 plus 1 plus 2")]
     return [Generation(FEWSHOT + "Question: What is 3 plus 4?\nAnswer:", stop=("\n\n",), max_tokens=12),
             Generation("Once upon a time", max_tokens=9),
             Generation("A", stop=("Question",), max_tokens=5),
             Generation("The list: one, two,", max_tokens=7, temperature=0.8, top_k=50, top_p=0.9, seed=7),
-            Generation("The list: one, two,", max_tokens=7, temperature=0.8, top_p=0.5, seed=8)]
+            Generation("The list: one, two,", max_tokens=7, temperature=0.8, top_p=0.5, seed=8)] + shared
 
 
 def test_generation_same_whatever_the_batch_size_and_equal_to_single_greedy(ours):
@@ -113,8 +116,10 @@ def test_generation_same_whatever_the_batch_size_and_equal_to_single_greedy(ours
     one = Runner(ours, batch_size=1, progress=False).generate_until(reqs)
     many = Runner(ours, batch_size=16, progress=False).generate_until(reqs)
     assert [r.tokens for r in one] == [r.tokens for r in many] and [r.text for r in one] == [r.text for r in many]
-    for req, res in zip(reqs[:3], one[:3]):
-        ids = ours.tokenizer.encode(req.context, bos=True)
+    runner = Runner(ours, progress=False)
+    for req, res in [(q, r) for q, r in zip(reqs, one) if q.temperature == 0]:
+        pre, body = runner.encode_context(req.context, req.shared_prefix)
+        ids = list(pre + body)
         ref = ours.greedy(ids, max_new_tokens=len(res.tokens))
         assert res.tokens == ref
         assert res.finish in ("stop", "length", "eos")
@@ -123,10 +128,16 @@ def test_generation_same_whatever_the_batch_size_and_equal_to_single_greedy(ours
         else:
             assert len(res.tokens) == req.max_tokens
     assert one[3].tokens != one[4].tokens  # sampling is on, seeded per request
+    unshared = Runner(ours, progress=False, share_prefix=False).generate_until(reqs)
+    assert [r.tokens for r in unshared] == [r.tokens for r in one]
+    shared = Runner(ours, progress=False)
+    shared.generate_until(reqs[-2:])  # the few-shot block went through the network once
+    assert shared.tokens_forwarded == len(runner.encode_context(reqs[-1].context, reqs[-1].shared_prefix)[0]) + sum(
+        len(runner.encode_context(q.context, q.shared_prefix)[1]) for q in reqs[-2:])
 
 
 def test_generation_matches_the_transformers_backend(ours, hf):
-    reqs = _gen_requests()[:3]
+    reqs = [q for q in _gen_requests() if q.temperature == 0]
     a = Runner(ours, progress=False).generate_until(reqs)
     b = Runner(hf, progress=False).generate_until(reqs)
     assert [r.tokens for r in a] == [r.tokens for r in b]
@@ -188,3 +199,12 @@ def test_evaluate_runs_generate_and_choice_tasks_together(ours, tmp_path):
     assert rec["finish"] in ("stop", "eos", "length") and rec["target"].endswith("#### 18")
     assert set(rec["scores"]) == {"exact_match_strict", "exact_match_flexible"}
     assert "| gsm8k | exact_match_flexible (primary) |" in (tmp_path / "summary.md").read_text()
+
+
+def test_macro_average_over_subtasks(ours, tmp_path):
+    from evalsuite import evaluate
+    res = evaluate.run(ours, ["bbh"], tmp_path, limit=1, progress=False)
+    t = res["tasks"]["bbh"]
+    assert t["num_items"] == 27 and len(t["groups"]) == 27
+    means = [g["exact_match"]["value"] for g in t["groups"].values()]
+    assert t["metrics"]["exact_match"]["value"] == pytest.approx(sum(means) / 27)

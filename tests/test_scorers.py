@@ -54,3 +54,72 @@ def test_unknown_scorer_is_a_clear_error(tmp_path, monkeypatch):
             tasks.load_spec("bad")
     finally:
         tasks.load_spec.cache_clear()
+
+
+@pytest.mark.parametrize("text, refs, hit", [
+    (" The Beatles", ["Beatles"], 1.0),  # article and case
+    ("  Baker, California!", ["Baker California"], 1.0),  # punctuation, spacing
+    (" 14 December 1972", ["14 December 1972 UTC", "December 1972"], 0.0),  # exact, not contains
+    (" December 1972", ["14 December 1972 UTC", "December 1972"], 1.0),  # any reference
+    (" an apple a day", ["apple day"], 1.0),
+    (" theatre", ["the atre"], 0.0),  # "the" only as a word
+    (" ‘Ulysses’", ["Ulysses"], 1.0),  # curly quotes are punctuation
+])
+def test_short_answer_exact_match(text, refs, hit):
+    assert scorers.exact_match_any(text, refs) == hit
+
+
+def test_nq_and_triviaqa_read_their_reference_fields():
+    assert scorers.nq_open(" Bob Russell", {"answer": ["Bobby Scott", "Bob Russell"]}) == {"exact_match": 1.0}
+    doc = {"answer": {"value": "The Thames", "aliases": ["Thames", "River Thames", "The Thames"]}}
+    assert scorers.triviaqa(" river thames", doc) == {"exact_match": 1.0}
+    assert scorers.triviaqa(" Seine", doc) == {"exact_match": 0.0}
+
+
+def test_triviaqa_builds_from_hub_schema_rows(monkeypatch):
+    """TriviaQA has no local copy: the hub path is exercised with hand-made rows in the hub schema."""
+    from evalsuite import data
+
+    def row(i):
+        return {"question": f"Which river flows through city {i}", "question_id": f"q{i}",
+                "answer": {"value": f"River {i}", "aliases": [f"River {i}", f"R{i}"], "type": "WikipediaEntity"}}
+
+    calls = []
+
+    def fake_hub(hub_id, config, split, revision, fields):
+        calls.append((hub_id, config, split))
+        rows = [row(i) for i in range(10 if split == "train" else 3)]
+        return data.Split(file=f"hub:{hub_id}/{config}/{split}", rows=rows, sha256="0" * 64, entry={})
+
+    monkeypatch.setattr(data, "load_hub", fake_hub)
+    items, prov = tasks.build_items(tasks.load_spec("triviaqa"), source="hub")
+    assert ("mandarjoshi/trivia_qa", "rc.nocontext", "validation") in calls
+    assert ("mandarjoshi/trivia_qa", "rc.nocontext", "train") in calls and not prov["deviations"]
+    ctx = items[0].requests[0].context
+    assert ctx.count("\nAnswer: River ") == 5 and ctx.endswith("Question: Which river flows through city 0?\nAnswer:")
+    assert items[0].requests[0].stop == ("\n", ".", ",")
+    with pytest.raises(tasks.TaskError, match="no local copy.*data.source=hub"):
+        tasks.build_items(tasks.load_spec("triviaqa"))
+
+
+@pytest.mark.parametrize("text, answer", [
+    (" A = True. So the answer is True.", "True"),
+    (" (A) is wrong. So the answer is (B).", "(B)"),
+    (" So the answer is } ] >.", "} ] >"),
+    (" the answer is 5. Wait, no. So the answer is -219.", "-219"),  # the last statement counts
+    (" So The Answer Is yes", "yes"),
+    (" I think it is (C)", scorers.INVALID),
+])
+def test_bbh_extraction(text, answer):
+    assert scorers.bbh_extract(text) == answer
+
+
+def test_bbh_exact_match_and_subtask_limit():
+    assert scorers.bbh(" So the answer is (B).", {"target": "(B)"}) == {"exact_match": 1.0}
+    assert scorers.bbh(" So the answer is B.", {"target": "(B)"}) == {"exact_match": 0.0}
+    items, prov = tasks.build_items(tasks.load_spec("bbh"), limit=2)
+    assert len(items) == 54 and len({it.doc["task"] for it in items}) == 27  # limit is per subtask
+    assert prov["num_fewshot"] == 3 and prov["fewshot_file"] == "bbh/cot_prompts.jsonl.gz"
+    ctx = items[0].requests[0].context
+    assert not ctx.startswith("BENCHMARK DATA") and ctx.count("\n\nQ: ") == 4  # canary dropped; 3 shots, then the question
+    assert ctx.endswith("Q: not ( True ) and ( True ) is\nA: Let's think step by step.")
