@@ -6,6 +6,7 @@ among the scorer's METRICS.
 
 from __future__ import annotations
 
+import itertools
 import re
 import string
 from typing import Any, Callable
@@ -91,5 +92,135 @@ def bbh(text: str, doc: dict[str, Any]) -> dict[str, float]:
 
 bbh.METRICS = ("exact_match",)  # type: ignore[attr-defined]
 
+# DROP (Dua et al. 2019), the official answer comparison: an answer is a bag of spans; each span is
+# lower-cased, split on spaces and hyphens, punctuation removed (except from numbers), numbers
+# rewritten as floats ("2.0" == "2"), articles removed. EM: the same normalised spans. F1: spans
+# aligned one-to-one to maximise the summed bag-of-words F1 (a pair scores 0 when the gold span has
+# numbers and the predicted span shares none), averaged over the larger number of spans, rounded to
+# 2 places. The score of a question is the best over its gold answers.
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _drop_token(token: str) -> str:
+    token = token.lower()
+    if not _is_number(token):
+        token = "".join(ch for ch in token if ch not in string.punctuation)
+    if _is_number(token):
+        token = str(float(token))
+    return " ".join(_ARTICLES.sub(" ", token).split())
+
+
+def drop_normalize(span: str) -> str:
+    return " ".join(p for p in (_drop_token(t) for t in re.split(" |-", span)) if p.strip()).strip()
+
+
+def _bag_f1(pred: set[str], gold: set[str]) -> float:
+    common = len(pred & gold)
+    precision = common / len(pred) if pred else 1.0
+    recall = common / len(gold) if gold else 1.0
+    return 0.0 if precision == 0.0 and recall == 0.0 else 2 * precision * recall / (precision + recall)
+
+
+def _numbers_agree(gold: set[str], pred: set[str]) -> bool:
+    gold_numbers = {w for w in gold if _is_number(w)}
+    return not gold_numbers or bool(gold_numbers & {w for w in pred if _is_number(w)})
+
+
+def drop_em_f1(predicted: list[str], gold: list[str]) -> tuple[float, float]:
+    p_norm, g_norm = [drop_normalize(x) for x in predicted], [drop_normalize(x) for x in gold]
+    em = float(sorted(set(p_norm)) == sorted(set(g_norm)) and len(p_norm) == len(g_norm))
+    p_bags, g_bags = [set(x.split()) for x in p_norm], [set(x.split()) for x in g_norm]
+    pair = [[_bag_f1(p, g) if _numbers_agree(g, p) else 0.0 for p in p_bags] for g in g_bags]
+    # Best one-to-one alignment; answers have a handful of spans, so trying every assignment is cheap.
+    small, large = (len(g_bags), len(p_bags))
+    best = 0.0
+    if small <= large:
+        for perm in itertools.permutations(range(large), small):
+            best = max(best, sum(pair[g][p] for g, p in enumerate(perm)))
+    else:
+        for perm in itertools.permutations(range(small), large):
+            best = max(best, sum(pair[g][p] for p, g in enumerate(perm)))
+    return em, round(best / max(len(g_bags), len(p_bags)), 2)
+
+
+def drop(text: str, doc: dict[str, Any]) -> dict[str, float]:
+    golds = [list(doc["answers_spans"]["spans"])]
+    scores = [drop_em_f1([text.strip()], g) for g in golds if g]
+    return {"exact_match": max(s[0] for s in scores), "f1": max(s[1] for s in scores)}
+
+
+drop.METRICS = ("exact_match", "f1")  # type: ignore[attr-defined]
+
+# MATH with the Minerva protocol (Lewkowycz et al. 2022): the answer is what follows the last
+# "final answer is" (else the last \boxed{...}), normalised by Minerva's normalize_final_answer
+# (units and filler words removed, \text/\boxed unwrapped, TeX shorthand \frac12 -> \frac{1}{2},
+# "$" dropped, thousands separators dropped from integers), then compared as strings.
+_MINERVA_SUBSTITUTIONS = [("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), (r"\ ", ""), (" ", ""),
+                          ("mbox", "text"), (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}")]
+_MINERVA_REMOVED = ["square", "ways", "integers", "dollars", "mph", "inches", "ft", "hours", "km", "units",
+                    "\\ldots", "sue", "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm",
+                    "pounds", "meters", "meals", "edges", "students", "childrentickets", "multiples", "\\text{s}",
+                    "\\text{.}", "\\text{\ns}", "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}",
+                    r"\mathrm{th}", r"^\circ", r"^{\circ}", r"\;", r",\!", "{,}", '"', "\\dots"]
+
+
+def minerva_normalize(answer: str) -> str:
+    answer = answer.split("=")[-1]
+    for before, after in _MINERVA_SUBSTITUTIONS:
+        answer = answer.replace(before, after)
+    for expr in _MINERVA_REMOVED:
+        answer = answer.replace(expr, "")
+    answer = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", answer)
+    answer = re.sub(r"(\\text\{)(.*?)(\})", "\\2", answer)
+    answer = re.sub(r"(\\textbf\{)(.*?)(\})", "\\2", answer)
+    answer = re.sub(r"(\\overline\{)(.*?)(\})", "\\2", answer)
+    answer = re.sub(r"(\\boxed\{)(.*)(\})", "\\2", answer)
+    answer = re.sub(r"(frac)([^{])(.)", "frac{\\2}{\\3}", answer)
+    answer = re.sub(r"(sqrt)([^{])", "sqrt{\\2}", answer)
+    answer = answer.replace("$", "")
+    if answer.replace(",", "").isdigit():
+        answer = answer.replace(",", "")
+    return answer
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+_FINAL_ANSWER = re.compile(r"final answer is", re.IGNORECASE)
+
+
+def math_extract(text: str) -> str:
+    found = list(_FINAL_ANSWER.finditer(text))
+    if found:
+        ans = text[found[-1].end():].split("I hope it is correct")[0].split("\n")[0].strip()
+        ans = ans[:-1].strip() if ans.endswith(".") else ans
+    else:
+        ans = last_boxed(text)
+        if ans is None:
+            return INVALID
+    return minerva_normalize(ans)
+
+
+def math(text: str, doc: dict[str, Any]) -> dict[str, float]:
+    return {"exact_match": float(math_extract(text) == minerva_normalize(doc["answer"]))}
+
+
+math.METRICS = ("exact_match",)  # type: ignore[attr-defined]
+
 SCORERS: dict[str, Callable[[str, dict[str, Any]], dict[str, float]]] = {
-    "gsm8k": gsm8k, "nq_open": nq_open, "triviaqa": triviaqa, "bbh": bbh}
+    "gsm8k": gsm8k, "nq_open": nq_open, "triviaqa": triviaqa, "bbh": bbh, "drop": drop, "math": math}

@@ -18,6 +18,7 @@ In every rule an item's exemplars depend on neither `limit` nor the other items.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -130,6 +131,10 @@ def no_local_copy(spec: TaskSpec) -> str:
 def load_split(spec: TaskSpec, source: str = "local", fewshot: bool = False) -> data.Split | None:
     d, fs = spec["data"], spec["fewshot"]
     fields = tuple(spec["fields"])
+    if fewshot and fs.get("examples"):  # exemplars written in the spec itself (e.g. MATH's Minerva prompt)
+        blob = json.dumps(fs["examples"], sort_keys=True, ensure_ascii=False).encode()
+        return data.Split(file=f"tasks/{spec.name}/task.yaml#fewshot.examples", rows=list(fs["examples"]),
+                          sha256=hashlib.sha256(blob).hexdigest(), entry={})
     if fewshot and not fs.get("file") and not (source == "hub" and fs.get("hub_split")):
         return None  # no few-shot split: the pool is the evaluation split minus the item
     if source == "local":

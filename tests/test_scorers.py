@@ -123,3 +123,64 @@ def test_bbh_exact_match_and_subtask_limit():
     ctx = items[0].requests[0].context
     assert not ctx.startswith("BENCHMARK DATA") and ctx.count("\n\nQ: ") == 4  # canary dropped; 3 shots, then the question
     assert ctx.endswith("Q: not ( True ) and ( True ) is\nA: Let's think step by step.")
+
+
+@pytest.mark.parametrize("pred, gold, em, f1", [
+    (["2"], ["2.0"], 1.0, 1.0),  # numbers compared as floats
+    (["the Eagles"], ["Eagles"], 1.0, 1.0),  # articles
+    (["John Smith"], ["Smith"], 0.0, 0.67),  # P 1/2, R 1
+    (["7 yards"], ["17"], 0.0, 0.0),  # gold has a number the prediction lacks
+    (["17 yards"], ["17"], 0.0, 0.67),
+    (["Tom and Jerry"], ["Tom", "Jerry"], 0.0, 0.25),  # one span aligned to one of two gold spans
+    (["Jerry", "Tom"], ["Tom", "Jerry"], 1.0, 1.0),  # order of spans does not matter
+    (["twenty-two"], ["twenty two"], 1.0, 1.0),  # hyphens split tokens
+    (["Smith's"], ["smiths"], 1.0, 1.0),  # punctuation, case
+])
+def test_drop_em_f1(pred, gold, em, f1):
+    assert scorers.drop_em_f1(pred, gold) == (em, f1)
+
+
+def test_drop_reads_answer_spans():
+    doc = {"answers_spans": {"spans": ["Tom", "Jerry"], "types": ["span", "span"]}}
+    assert scorers.drop(" Tom\n", doc) == {"exact_match": 0.0, "f1": 0.5}
+
+
+def test_drop_builds_from_hub_schema_rows(monkeypatch):
+    from evalsuite import data
+
+    def fake_hub(hub_id, config, split, revision, fields):
+        assert hub_id == "ucinlp/drop" and config is None
+        rows = [{"section_id": "s", "query_id": f"{split}{i}", "passage": f"Passage {i}.",
+                 "question": f"How many {i}?", "answers_spans": {"spans": [str(i), "x"], "types": ["number", "span"]}}
+                for i in range(6 if split == "train" else 2)]
+        return data.Split(file=f"hub:{hub_id}/{split}", rows=rows, sha256="0" * 64, entry={})
+
+    monkeypatch.setattr(data, "load_hub", fake_hub)
+    items, _ = tasks.build_items(tasks.load_spec("drop"), source="hub")
+    ctx = items[1].requests[0].context
+    assert ctx.count("Passage ") == 4 and ctx.endswith("Passage: Passage 1.\nQuestion: How many 1?\nAnswer:")
+    assert ", x\n\n" in ctx  # exemplar answers: spans joined by ", "
+    assert scorers.drop(" 1", items[1].doc)["f1"] == 0.5
+
+
+@pytest.mark.parametrize("text, answer", [
+    (" so $x \\in \\boxed{[2,5)}$.\nFinal Answer: The final answer is $[2,5)$.", "[2,5)"),
+    (" Final Answer: The final answer is $\\frac12$. I hope it is correct.", "\\frac{1}{2}"),  # TeX shorthand
+    (" The final answer is 10,000 dollars.", "10000"),  # units and thousands separators
+    (" Thus $x = \\boxed{\\frac{\\sqrt{3}}{2}}$ and we stop.", "\\frac{\\sqrt{3}}{2}"),  # nested braces
+    (" angle is \\boxed{5^\\circ}", "5"),
+    (" The final answer is $\\text{(B)}$.", "(B)"),
+    (" no answer here", scorers.INVALID),
+])
+def test_math_extraction(text, answer):
+    assert scorers.math_extract(text) == answer
+
+
+def test_math_scores_against_the_final_answer_field():
+    doc = {"answer": "\\frac{1}{2}", "solution": "... \\boxed{\\frac{1}{2}}"}
+    assert scorers.math(" Final Answer: The final answer is $\\frac{1}{2}$.", doc) == {"exact_match": 1.0}
+    assert scorers.math(" Final Answer: The final answer is $0.5$.", doc) == {"exact_match": 0.0}  # strings only
+    items, prov = tasks.build_items(tasks.load_spec("math"), limit=1)
+    ctx = items[0].requests[0].context
+    assert ctx.count("Final Answer: The final answer is") == 4 and ctx.endswith("have?\n\nSolution:")
+    assert prov["fewshot_file"] == "tasks/math/task.yaml#fewshot.examples" and not prov["deviations"][:-1]
