@@ -15,7 +15,7 @@ from .backends import as_backend
 from .runner import Runner
 
 # Rows of the Gemma 2 paper's table that exist as tasks so far.
-SUITES = {"paper": ["mmlu", "arc_c", "arc_e", "gsm8k", "math", "bbh", "triviaqa", "nq", "drop", "hellaswag", "winogrande", "piqa", "siqa",
+SUITES = {"paper": ["mmlu", "arc_c", "arc_e", "gsm8k", "math", "agieval", "bbh", "triviaqa", "nq", "drop", "hellaswag", "winogrande", "piqa", "siqa",
                     "boolq"]}
 
 

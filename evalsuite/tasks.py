@@ -18,6 +18,7 @@ In every rule an item's exemplars depend on neither `limit` nor the other items.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -38,6 +39,8 @@ KINDS = ("multiple_choice", "multiple_choice_context", "generate")
 METRICS = ("acc", "acc_norm", "acc_bytes")  # multiple-choice kinds; a generate task's come from its scorer
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+# `literal`: a field holding a Python literal (AGIEval's few-shot file stores each example as a dict repr).
+_ENV.filters["literal"] = ast.literal_eval
 
 
 class TaskError(ValueError):
@@ -202,41 +205,50 @@ def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | Non
     if sampler not in SAMPLERS:
         raise TaskError(f"fewshot_sampler={sampler!r}: expected one of {SAMPLERS}")
     pool = fs_split.rows if fs_split else split.rows
-    # (row index, row) to evaluate; with `macro_by` (a task of subtasks), `limit` applies per subtask.
+    # (row index, row) to evaluate: `data.where` keeps rows whose field is among the listed values;
+    # with `macro_by` (a task of subtasks), `limit` applies per subtask.
+    where = spec["data"].get("where") or {}
+    selected = [(i, row) for i, row in enumerate(split.rows) if all(row[f] in v for f, v in where.items())]
     macro_by = spec.get("macro_by")
     if limit is None:
-        rows = list(enumerate(split.rows))
+        rows = selected
     elif macro_by:
         seen: dict[Any, int] = {}
         rows = []
-        for i, row in enumerate(split.rows):
+        for i, row in selected:
             seen[row[macro_by]] = seen.get(row[macro_by], 0) + 1
             if seen[row[macro_by]] <= limit:
                 rows.append((i, row))
     else:
-        rows = list(enumerate(split.rows[:limit]))
+        rows = selected[:limit]
     same = spec["fewshot"].get("same")
     groups: dict[Any, list[int]] = {}
     for i, row in enumerate(pool):
         groups.setdefault(row[same] if same else None, []).append(i)
     description_tpl = spec.get("description")
     # `join`: rows of another carried file, matched on a field, visible to templates under a name
-    # (BBH: each subtask's published chain-of-thought prompt).
+    # (BBH: each subtask's published chain-of-thought prompt). `many: true` gives the list of all
+    # matching rows; `aliases` maps an item's key to the key it borrows (AGIEval's
+    # sat-en-without-passage uses sat-en's examples).
     join = spec.get("join")
-    joined: dict[Any, dict] = {}
+    joined: dict[Any, Any] = {}
     if join:
         for row in data.load_local(join["file"]).rows:
-            joined[row[join["key"]]] = row
+            if join.get("many"):
+                joined.setdefault(row[join["key"]], []).append(row)
+            else:
+                joined[row[join["key"]]] = row
     items = []
     for index, doc in rows:
         group = doc[same] if same else None
         shots = _fewshot_indices(spec, groups.get(group, []), group, fs_split is None, index, count, seed, sampler)
         item_doc = doc  # what samples_<task>.jsonl records (without joined rows)
         if join:
-            if doc[join["key"]] not in joined:
-                key = join["key"]
-                raise TaskError(f"{spec.path}: item {index}: no row with {key}={doc[key]!r} in {join['file']}")
-            doc = {**doc, join["as"]: joined[doc[join["key"]]]}
+            key = doc[join["key"]]
+            key = join.get("aliases", {}).get(key, key)
+            if key not in joined:
+                raise TaskError(f"{spec.path}: item {index}: no row with {join['key']}={key!r} in {join['file']}")
+            doc = {**doc, join["as"]: joined[key]}
         description = _template(description_tpl).render(**doc) if description_tpl else ""
         examples = [_example(spec, pool[i]) for i in shots]
         delimiter = spec["fewshot"].get("delimiter", "\n\n")
@@ -286,7 +298,7 @@ def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | Non
     if join:
         provenance["fewshot_file"] = join["file"]
         provenance["fewshot_sha256"] = data.load_local(join["file"]).sha256
-    if limit is not None and len(rows) < len(split.rows):
+    if limit is not None and len(rows) < len(selected):
         per = f" per {macro_by}" if macro_by else ""
-        provenance["deviations"].append(f"limit={limit}{per}: {len(rows)} of {len(split.rows)} items")
+        provenance["deviations"].append(f"limit={limit}{per}: {len(rows)} of {len(selected)} items")
     return items, provenance

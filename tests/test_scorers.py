@@ -184,3 +184,20 @@ def test_math_scores_against_the_final_answer_field():
     ctx = items[0].requests[0].context
     assert ctx.count("Final Answer: The final answer is") == 4 and ctx.endswith("have?\n\nSolution:")
     assert prov["fewshot_file"] == "tasks/math/task.yaml#fewshot.examples" and not prov["deviations"][:-1]
+
+
+def test_agieval_english_subsets_with_their_published_examples():
+    items, prov = tasks.build_items(tasks.load_spec("agieval"), limit=2)
+    assert len(items) == 16 and prov["num_fewshot"] == "3-5"
+    by: dict = {}
+    for it in items:
+        by.setdefault(it.doc["task"], it)  # the first item of each subset
+    assert set(by) == {"aqua-rat", "logiqa-en", "lsat-ar", "lsat-lr", "lsat-rc", "sat-en", "sat-en-without-passage",
+                       "sat-math"}
+    shots = {t: it.requests[0].context.count("The answer is therefore ") for t, it in by.items()}
+    assert shots["aqua-rat"] == 5 and shots["sat-math"] == 5 and shots["lsat-ar"] == 3
+    sat_en, without = by["sat-en"].requests[0].context, by["sat-en-without-passage"].requests[0].context
+    assert len(without) < len(sat_en) / 2  # the borrowed sat-en examples lose their passages
+    it = by["sat-math"]
+    assert it.choices == ["A", "B", "C", "D"] and it.gold == 3 and it.requests[it.gold].continuation == " D"
+    assert it.requests[0].shared_prefix > 0 and it.requests[0].context.endswith("The answer is therefore")
