@@ -146,6 +146,9 @@ def load_split(spec: TaskSpec, source: str = "local", fewshot: bool = False) -> 
         return data.load_local(fs["file"] if fewshot else d["file"], fields)
     if source == "hub":
         hub = d["hub"]
+        if not hub.get("id"):
+            raise TaskError(f"{spec.path}: task {spec.name!r} has no hub copy in the schema it uses "
+                            f"({hub.get('why_not', 'see its README')}); run it with data.source=local")
         split = fs.get("hub_split", hub["split"]) if fewshot else hub["split"]
         return data.load_hub(hub["id"], hub.get("config"), split, hub.get("revision"), fields)
     raise TaskError(f"data.source={source!r}: expected 'local' or 'hub'")
