@@ -66,7 +66,7 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
     ll_results = runner.loglikelihood(ll_requests) if ll_requests else []
     gen_results = runner.generate_until(gen_requests) if gen_requests else []
     score_seconds = time.perf_counter() - t0
-    k = g = 0
+    k = g = 0  # next unread result of each request type
     report: dict[str, Any] = {}
     for name, (spec, items, prov) in built.items():
         per_metric: dict[str, list[float]] = {m: [] for m in spec["metrics"]}
@@ -101,8 +101,8 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
                 for it, v in zip(items, vals):
                     by.setdefault(str(it.doc[macro_by]), []).append(v)
                 sub = {g: metrics.mean_stderr(v) for g, v in by.items()}
-                for g, (mean, se) in sub.items():
-                    groups.setdefault(g, {"num_items": len(by[g])})[m] = {"value": mean, "stderr": se}
+                for group, (mean, se) in sub.items():
+                    groups.setdefault(group, {"num_items": len(by[group])})[m] = {"value": mean, "stderr": se}
                 mean = sum(v[0] for v in sub.values()) / len(sub)
                 se = math.sqrt(sum(v[1] ** 2 for v in sub.values() if v[1] == v[1])) / len(sub)
             else:

@@ -203,7 +203,9 @@ def test_evaluate_runs_generate_and_choice_tasks_together(ours, tmp_path):
 
 def test_macro_average_over_subtasks(ours, tmp_path):
     from evalsuite import evaluate
-    res = evaluate.run(ours, ["bbh"], tmp_path, limit=1, progress=False)
+    # A macro-averaged choice task before generation tasks: results of both types stay aligned.
+    res = evaluate.run(ours, ["agieval", "bbh", "gsm8k"], tmp_path, limit=1, progress=False)
+    assert res["tasks"]["agieval"]["num_items"] == 8 and len(res["tasks"]["agieval"]["groups"]) == 8
     t = res["tasks"]["bbh"]
     assert t["num_items"] == 27 and len(t["groups"]) == 27
     means = [g["exact_match"]["value"] for g in t["groups"].values()]
