@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 import json
 import math
 import subprocess
@@ -12,28 +14,125 @@ from typing import Any
 
 from . import metrics, scorers, tasks
 from .backends import as_backend
-from .runner import Runner
+from .execution import SANDBOXES, Limits, SandboxError, interpreter, require_sandbox, run_all
+from .runner import Generation, Runner
 
 # Rows of the Gemma 2 paper's table that exist as tasks so far.
-SUITES = {"paper": ["mmlu", "arc_c", "arc_e", "gsm8k", "math", "agieval", "bbh", "triviaqa", "nq", "drop", "hellaswag", "winogrande", "piqa", "siqa",
-                    "boolq"]}
+SUITES = {"paper": ["mmlu", "arc_c", "arc_e", "gsm8k", "math", "agieval", "bbh", "triviaqa", "nq", "drop", "hellaswag",
+                    "winogrande", "piqa", "siqa", "boolq", "humaneval", "mbpp"]}
 
 
-def expand_tasks(names: list[str], data_source: str = "local") -> tuple[list[str], dict[str, str]]:
-    """Task names to run, and the suite members left out (name -> why): with data.source=local, a
-    suite skips the tasks that have no local copy; a task named on its own is never skipped."""
+def expand_tasks(names: list[str], data_source: str = "local", no_execution: str | None = None
+                 ) -> tuple[list[str], dict[str, str]]:
+    """Task names to run, and the suite members left out (name -> why): a suite skips the tasks that
+    have no local copy (with data.source=local) and the code tasks when programs cannot be run
+    (no_execution says why); a task named on its own is never skipped but fails with the reason."""
     out: list[str] = []
     skipped: dict[str, str] = {}
     for n in names:
         for t in SUITES.get(n, [n]):
             spec = tasks.load_spec(t)  # unknown names fail here, listing the valid ones
+            why = None
             if data_source == "local" and not spec["data"].get("file"):
+                why = tasks.no_local_copy(spec) if n not in SUITES else \
+                    f"no local copy of {spec['data']['hub']['id']}; run with data.source=hub"
+            elif no_execution and hasattr(scorers.SCORERS.get(spec.get("scorer")), "PROGRAM"):
+                why = f"task {t!r} runs generated code: {no_execution}"
+            if why:
                 if n not in SUITES:
-                    raise tasks.TaskError(tasks.no_local_copy(spec))
-                skipped[t] = f"no local copy of {spec['data']['hub']['id']}; run with data.source=hub"
+                    raise tasks.TaskError(why)
+                skipped[t] = why
             elif t not in out:
                 out.append(t)
     return out, skipped
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How generate tasks decode: n samples per prompt; None keeps the task's own setting (greedy)."""
+    n: int = 1
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"generation.n={self.n!r}: expected a whole number >= 1 (samples per prompt)")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"generation.temperature={self.temperature}: expected >= 0 (0: greedy)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"generation.top_p={self.top_p}: expected a value in (0, 1]")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"generation.top_k={self.top_k}: expected >= 0 (0: off)")
+        if self.n > 1 and not self.temperature:
+            raise ValueError(f"generation.n={self.n} with greedy decoding gives {self.n} identical samples: "
+                             "set generation.temperature > 0 as well")
+
+    @property
+    def default(self) -> bool:
+        return self == Sampling()
+
+    def requests(self, req: Generation, task: str, index: int, seed: int) -> list[Generation]:
+        if self.default:
+            return [req]
+        over = {k: v for k, v in (("temperature", self.temperature), ("top_k", self.top_k), ("top_p", self.top_p))
+                if v is not None}
+        # Each sample has its own generator seed, derived from (run seed, task, item, sample), so what a
+        # sample decodes does not depend on batching or on which other tasks run.
+        return [dataclasses.replace(req, **over, seed=int.from_bytes(
+            hashlib.sha256(f"{seed}/{task}/{index}/{j}".encode()).digest()[:7], "little")) for j in range(self.n)]
+
+    def _derived(self, spec) -> list[tuple[str, str, int, str]]:
+        """(name, aggregate, k, base metric) of the metrics that several samples add."""
+        if self.n == 1:
+            return []
+        scorer = scorers.SCORERS[spec["scorer"]]
+        out = [(f"maj@{self.n}_{m}", "maj", self.n, m) for m in spec["metrics"] if hasattr(scorer, "ANSWER")]
+        return out + [(f"pass@{k}" if m == "pass@1" else f"pass@{k}_{m}", "pass", k, m)
+                      for m in spec["metrics"] if m not in scorers.CONTINUOUS for k in metrics.pass_ks(self.n) if k > 1]
+
+    def metric_names(self, spec) -> list[str]:
+        return list(spec["metrics"]) + [name for name, *_ in self._derived(spec)]
+
+    def score(self, spec, results: list, doc: dict, outcomes: list | None = None) -> tuple[dict[str, float], list[dict], list]:
+        """Per-item metrics from the item's samples: each metric's mean over samples (for one sample,
+        its score), maj@n (the score of the most common extracted answer) and pass@k (k > 1).
+        outcomes: the sandbox results of code tasks' programs, one per sample."""
+        scorer = scorers.SCORERS[spec["scorer"]]
+        per_sample = ([scorer(r.text, doc, o) for r, o in zip(results, outcomes)] if outcomes is not None
+                      else [scorer(r.text, doc) for r in results])
+        got = {m: sum(s[m] for s in per_sample) / len(per_sample) for m in spec["metrics"]}
+        answers = [scorer.ANSWER(r.text) for r in results] if hasattr(scorer, "ANSWER") else []
+        for name, agg, k, m in self._derived(spec):
+            if agg == "maj":
+                got[name] = per_sample[metrics.majority_index([a[m] for a in answers], scorers.INVALID)][m]
+            else:
+                got[name] = metrics.pass_at_k(self.n, int(sum(s[m] for s in per_sample)), k)
+        return got, per_sample, answers
+
+    def primary(self, spec) -> str:
+        maj = f"maj@{self.n}_{spec['primary']}"
+        return maj if maj in self.metric_names(spec) else spec["primary"]
+
+
+def execution_problem(execution: dict) -> str | None:
+    """Check the execution settings (ValueError naming the option) and say why code tasks cannot
+    run here, or None when they can."""
+    exec_cfg = dict(execution)
+    sandbox, workers = exec_cfg.pop("sandbox", "bwrap"), exec_cfg.pop("workers", None)
+    try:
+        Limits(**exec_cfg)
+    except TypeError as e:
+        raise ValueError(f"execution: {e}; expected keys sandbox, workers and {', '.join(Limits.__dataclass_fields__)}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"execution.workers={workers!r}: expected null (one per core) or a whole number >= 1")
+    try:
+        require_sandbox(sandbox)
+    except SandboxError as e:
+        if sandbox not in SANDBOXES:
+            raise ValueError(str(e)) from None
+        return str(e)
+    return None
 
 
 def git_commit() -> str | None:
@@ -46,7 +145,7 @@ def git_commit() -> str | None:
 
 def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=None, seed=1234,
         batch_size=16, token_budget=16384, data_source="local", progress=True, chat=False, fewshot_sampler=None,
-        share_prefix=True, skipped: dict[str, str] | None = None, config: dict | None = None) -> dict:
+        share_prefix=True, sampling: Sampling = Sampling(), execution: dict | None = None, skipped: dict[str, str] | None = None, config: dict | None = None) -> dict:
     """model: a LoadedModel (our network) or a backend from evalsuite.backends."""
     backend = as_backend(model)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,26 +158,59 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
     # All tasks' requests are pooled, per request type, so batching and sharing work across tasks.
     ll_requests = [r for spec, items, _ in built.values() if spec["kind"] != "generate" for it in items
                    for r in it.requests]
-    gen_requests = [it.requests[0] for spec, items, _ in built.values() if spec["kind"] == "generate" for it in items]
+    gen_requests = [r for name, (spec, items, _) in built.items() if spec["kind"] == "generate" for it in items
+                    for r in sampling.requests(it.requests[0], name, it.index, seed)]
     runner = Runner(backend, batch_size=batch_size, token_budget=token_budget, progress=progress,
                     share_prefix=share_prefix)
     t0 = time.perf_counter()
     ll_results = runner.loglikelihood(ll_requests) if ll_requests else []
     gen_results = runner.generate_until(gen_requests) if gen_requests else []
     score_seconds = time.perf_counter() - t0
+    # Code tasks: every sample's program runs in the sandbox, all tasks' programs in one parallel pool.
+    programs, g = {}, 0
+    for name, (spec, items, _) in built.items():
+        if spec["kind"] == "generate":
+            program = getattr(scorers.SCORERS[spec["scorer"]], "PROGRAM", None)
+            for it in items:
+                for j in range(g, g + sampling.n):
+                    if program:
+                        programs[j] = program(gen_results[j].text, it.doc)
+                g += sampling.n
+    outcomes, exec_info = {}, None
+    if programs:
+        exec_cfg = dict(execution or {})
+        sandbox, workers = exec_cfg.pop("sandbox", "bwrap"), exec_cfg.pop("workers", None)
+        limits = Limits(**exec_cfg)
+        t_exec = time.perf_counter()
+        outs = run_all(list(programs.values()), limits, sandbox=sandbox, workers=workers, progress=progress)
+        outcomes = dict(zip(programs, outs))
+        exec_info = {"sandbox": sandbox, "limits": dataclasses.asdict(limits), "python": interpreter()[0],
+                     "programs": len(outs), "seconds": time.perf_counter() - t_exec,
+                     "statuses": {st: sum(o.status == st for o in outs) for st in sorted({o.status for o in outs})}}
     k = g = 0  # next unread result of each request type
     report: dict[str, Any] = {}
     for name, (spec, items, prov) in built.items():
-        per_metric: dict[str, list[float]] = {m: [] for m in spec["metrics"]}
+        generate = spec["kind"] == "generate"
+        metric_names = sampling.metric_names(spec) if generate else spec["metrics"]
+        per_metric: dict[str, list[float]] = {m: [] for m in metric_names}
         with open(out_dir / f"samples_{name}.jsonl", "w") as fh:
             for it in items:
-                if spec["kind"] == "generate":
-                    res = gen_results[g]
-                    g += 1
-                    got = scorers.SCORERS[spec["scorer"]](res.text, it.doc)
+                if generate:
+                    res_all = gen_results[g:g + sampling.n]
+                    outs = [outcomes[j] for j in range(g, g + sampling.n)] if g in outcomes else None
+                    g += sampling.n
+                    got, per_sample, answers = sampling.score(spec, res_all, it.doc, outs)
+                    res = res_all[0]
                     record = {"index": it.index, "prompt": it.prompt, "generation": res.text, "finish": res.finish,
-                              "num_tokens": len(res.tokens), "target": it.gold,
-                              "scores": {m: got[m] for m in spec["metrics"]}}
+                              "num_tokens": len(res.tokens), "target": it.gold, "scores": got}
+                    if outs is not None:
+                        record["execution"] = [{"status": o.status, "detail": o.detail, "seconds": round(o.seconds, 3)}
+                                               for o in outs]
+                        record["execution"] = record["execution"] if sampling.n > 1 else record["execution"][0]
+                    if sampling.n > 1:
+                        record.update(generation=[r.text for r in res_all], finish=[r.finish for r in res_all],
+                                      num_tokens=[len(r.tokens) for r in res_all], sample_scores=per_sample,
+                                      answers=answers)
                 else:
                     res = ll_results[k:k + len(it.requests)]
                     k += len(it.requests)
@@ -89,7 +221,7 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
                               "logprobs": lps, "is_greedy": [r.is_greedy for r in res],
                               "num_tokens": [r.num_tokens for r in res],
                               "predictions": {m: preds[m] for m in spec["metrics"]}}
-                for m in spec["metrics"]:
+                for m in metric_names:
                     per_metric[m].append(got[m])
                 record.update(fewshot_indices=it.fewshot_indices, doc=it.doc)
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -104,12 +236,23 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
                 for group, (mean, se) in sub.items():
                     groups.setdefault(group, {"num_items": len(by[group])})[m] = {"value": mean, "stderr": se}
                 mean = sum(v[0] for v in sub.values()) / len(sub)
-                se = math.sqrt(sum(v[1] ** 2 for v in sub.values() if v[1] == v[1])) / len(sub)
+                # nan when a subtask has a single item (no stderr of its own)
+                se = math.sqrt(sum(v[1] ** 2 for v in sub.values())) / len(sub)
             else:
                 mean, se = metrics.mean_stderr(vals)
             scores[m] = {"value": mean, "stderr": se}
-        report[name] = {"paper_row": spec["paper_row"], "version": spec["version"], "primary": spec["primary"],
+        report[name] = {"paper_row": spec["paper_row"], "version": spec["version"],
+                        "primary": sampling.primary(spec) if generate else spec["primary"],
                         "metrics": scores, "num_items": len(items), **prov}
+        if generate and hasattr(scorers.SCORERS[spec["scorer"]], "PROGRAM"):
+            report[name]["execution"] = exec_info
+            if exec_info and exec_info["sandbox"] == "none":
+                report[name]["deviations"] = [*report[name]["deviations"], "generated code ran WITHOUT a sandbox "
+                                              "(execution.sandbox=none): rlimits and timeout only"]
+        if generate and not sampling.default:
+            report[name]["sampling"] = dataclasses.asdict(sampling)
+            report[name]["deviations"] = [*report[name]["deviations"], f"decoding changed from the task's setting: "
+                                          f"{', '.join(f'{k}={v}' for k, v in dataclasses.asdict(sampling).items())}"]
         if macro_by:
             report[name].update(aggregation=f"macro average over {len(groups)} {macro_by} groups", groups=groups)
     out = {

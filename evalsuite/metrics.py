@@ -1,4 +1,5 @@
-"""Multiple-choice metrics with standard errors (sample standard deviation / sqrt(n))."""
+"""Metrics: multiple-choice predictions, means with standard errors (sample standard deviation /
+sqrt(n)), and the aggregates of several samples per prompt (majority vote, unbiased pass@k)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,68 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
         return mean, float("nan")
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_index(answers: list[str], invalid: str | None = None) -> int:
+    """Index of the first sample whose answer is the most frequent one (ties: the answer seen first).
+    Samples whose answer is `invalid` (nothing extracted) do not vote unless no sample has an answer."""
+    voters = [i for i, a in enumerate(answers) if a != invalid] or list(range(len(answers)))
+    counts: dict[str, int] = {}
+    for i in voters:
+        counts[answers[i]] = counts.get(answers[i], 0) + 1
+    top = max(counts.values())
+    return next(i for i in voters if counts[answers[i]] == top)
+
+
+def pass_ks(n: int) -> list[int]:
+    """The k reported for n samples: 1, the powers of ten below n, and n."""
+    return sorted({1, n} | {10 ** e for e in range(1, 6) if 10 ** e < n})
+
+
+# ---- paired statistics for run-vs-run comparison ----------------------------------------------------
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: b items right only in the baseline, c only in the candidate;
+    under no difference each discordant item goes either way with probability 1/2 (a binomial test)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap(base: list[float], cand: list[float], resamples: int = 10000, seed: int = 0) -> float:
+    """Two-sided p-value of the mean paired difference (cand - base) by resampling items with
+    replacement: the share of resampled mean differences at least as far from the observed one as the
+    observed one is from 0 (the bootstrap distribution centred under the null)."""
+    import numpy as np
+
+    d = np.asarray(cand, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    if len(d) == 0:
+        return 1.0
+    observed = d.mean()
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    extreme = np.count_nonzero(np.abs(means - observed) >= abs(observed) - 1e-12)
+    return float((extreme + 1) / (resamples + 1))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone), in the input order."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted

@@ -1,7 +1,8 @@
 """Scorers for generated answers: scorer(generation text, doc) -> {metric: 0.0..1.0}.
 
 A generation task names its scorer in task.yaml (`scorer: gsm8k`); the metrics a spec lists must be
-among the scorer's METRICS.
+among the scorer's METRICS. A scorer's ANSWER(text) gives, per metric, the extracted and normalised
+answer that the metric compares: with several samples per prompt, maj@n votes on it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import re
 import string
 from typing import Any, Callable
 
-INVALID = "[invalid]"
+INVALID = "[invalid]"  # the answer of a generation from which nothing could be extracted
+CONTINUOUS = {"f1"}  # metrics that are not pass/fail (no pass@k for them)
 
 # GSM8K, as lm-evaluation-harness's gsm8k task scores it: the reference is the number after "####";
 # "strict" reads the number after "#### " in the generation (the format the exemplars teach),
@@ -44,6 +46,7 @@ def gsm8k(text: str, doc: dict[str, Any]) -> dict[str, float]:
 
 
 gsm8k.METRICS = ("exact_match_strict", "exact_match_flexible")  # type: ignore[attr-defined]
+gsm8k.ANSWER = lambda text: {f"exact_match_{k}": v for k, v in gsm8k_extract(text).items()}  # type: ignore[attr-defined]
 
 # Short-answer QA (Natural Questions open, TriviaQA): the official SQuAD/TriviaQA answer normalisation
 # (lower case, punctuation removed, articles a/an/the removed, whitespace collapsed), then exact match
@@ -72,6 +75,7 @@ def triviaqa(text: str, doc: dict[str, Any]) -> dict[str, float]:
 
 
 nq_open.METRICS = triviaqa.METRICS = ("exact_match",)  # type: ignore[attr-defined]
+nq_open.ANSWER = triviaqa.ANSWER = lambda text: {"exact_match": normalize_answer(text)}  # type: ignore[attr-defined]
 
 # BBH with chain of thought (Suzgun et al. 2022): the answer is what follows the last "the answer is"
 # in the generation, without a final period, compared exactly with the target.
@@ -91,6 +95,7 @@ def bbh(text: str, doc: dict[str, Any]) -> dict[str, float]:
 
 
 bbh.METRICS = ("exact_match",)  # type: ignore[attr-defined]
+bbh.ANSWER = lambda text: {"exact_match": bbh_extract(text)}  # type: ignore[attr-defined]
 
 # DROP (Dua et al. 2019), the official answer comparison: an answer is a bag of spans; each span is
 # lower-cased, split on spaces and hyphens, punctuation removed (except from numbers), numbers
@@ -155,6 +160,7 @@ def drop(text: str, doc: dict[str, Any]) -> dict[str, float]:
 
 
 drop.METRICS = ("exact_match", "f1")  # type: ignore[attr-defined]
+drop.ANSWER = lambda text: dict.fromkeys(("exact_match", "f1"), drop_normalize(text.strip()))  # type: ignore[attr-defined]
 
 # MATH with the Minerva protocol (Lewkowycz et al. 2022): the answer is what follows the last
 # "final answer is" (else the last \boxed{...}), normalised by Minerva's normalize_final_answer
@@ -221,6 +227,29 @@ def math(text: str, doc: dict[str, Any]) -> dict[str, float]:
 
 
 math.METRICS = ("exact_match",)  # type: ignore[attr-defined]
+math.ANSWER = lambda text: {"exact_match": math_extract(text)}  # type: ignore[attr-defined]
 
-SCORERS: dict[str, Callable[[str, dict[str, Any]], dict[str, float]]] = {
-    "gsm8k": gsm8k, "nq_open": nq_open, "triviaqa": triviaqa, "bbh": bbh, "drop": drop, "math": math}
+# Code (HumanEval, MBPP): a scorer's PROGRAM(text, doc) is the program that tests the completion;
+# evaluate runs them all in the sandbox (evalsuite.execution) and the scorer reads the outcome.
+def humaneval_program(completion: str, doc: dict[str, Any]) -> str:
+    """The prompt (signature and docstring), the completed body, the unit tests and the call of them."""
+    return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+
+
+def mbpp_program(code: str, doc: dict[str, Any]) -> str:
+    """The generated code, the item's setup code (the one item that has any builds objects of a class
+    the solution defines), then its three asserts."""
+    return "\n".join([code, doc["test_setup_code"], *doc["test_list"]]) + "\n"
+
+
+def _code_scorer(program: Callable[[str, dict[str, Any]], str]):
+    def score(text: str, doc: dict[str, Any], outcome) -> dict[str, float]:
+        """pass@1 of one sample: whether its program ran to the end in the sandbox."""
+        return {"pass@1": float(outcome.passed)}
+    score.PROGRAM, score.METRICS = program, ("pass@1",)  # type: ignore[attr-defined]
+    return score
+
+
+SCORERS: dict[str, Callable[..., dict[str, float]]] = {
+    "gsm8k": gsm8k, "nq_open": nq_open, "triviaqa": triviaqa, "bbh": bbh, "drop": drop, "math": math,
+    "humaneval": _code_scorer(humaneval_program), "mbpp": _code_scorer(mbpp_program)}

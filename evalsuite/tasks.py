@@ -180,8 +180,8 @@ def _fewshot_indices(spec: TaskSpec, candidates: list[int], group, pool_is_eval:
 
 def _example(spec: TaskSpec, doc: dict) -> tuple[str, str]:
     """A solved example: (prompt part, answer part) as it appears in a few-shot prefix."""
-    if spec["kind"] == "generate":
-        return _render(spec, "prompt", doc), " " + _render(spec, "target", doc)
+    if spec["kind"] == "generate":  # target_delimiter: "" where the prompt ends in a newline (MBPP's [BEGIN])
+        return _render(spec, "prompt", doc), spec["fewshot"].get("target_delimiter", " ") + _render(spec, "target", doc)
     gold = int(_render(spec, "gold", doc))
     if spec["kind"] == "multiple_choice":
         return _render(spec, "prompt", doc), " " + _render_list(spec, "choices", doc)[gold]
@@ -226,8 +226,10 @@ def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | Non
         rows = selected[:limit]
     same = spec["fewshot"].get("same")
     groups: dict[Any, list[int]] = {}
+    fs_where = spec["fewshot"].get("where") or {}  # e.g. MBPP's exemplars: task ids 2, 3 and 4
     for i, row in enumerate(pool):
-        groups.setdefault(row[same] if same else None, []).append(i)
+        if all(row[f] in v for f, v in fs_where.items()):
+            groups.setdefault(row[same] if same else None, []).append(i)
     description_tpl = spec.get("description")
     # `join`: rows of another carried file, matched on a field, visible to templates under a name
     # (BBH: each subtask's published chain-of-thought prompt). `many: true` gives the list of all

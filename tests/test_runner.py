@@ -3,6 +3,8 @@ the transformers backend, on a tiny random Gemma 2 that reads the real 256000-pi
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -189,7 +191,6 @@ def test_chat_items_score_through_the_runner(ours):
 
 
 def test_evaluate_runs_generate_and_choice_tasks_together(ours, tmp_path):
-    import json
     from evalsuite import evaluate
     res = evaluate.run(ours, ["gsm8k", "piqa"], tmp_path, limit=2, num_fewshot=1, progress=False)
     g = res["tasks"]["gsm8k"]
@@ -210,3 +211,43 @@ def test_macro_average_over_subtasks(ours, tmp_path):
     assert t["num_items"] == 27 and len(t["groups"]) == 27
     means = [g["exact_match"]["value"] for g in t["groups"].values()]
     assert t["metrics"]["exact_match"]["value"] == pytest.approx(sum(means) / 27)
+
+
+def test_several_samples_per_prompt(ours, tmp_path):
+    from evalsuite import evaluate
+    sampling = evaluate.Sampling(n=3, temperature=1.0)
+    res = evaluate.run(ours, ["gsm8k"], tmp_path, limit=2, progress=False, sampling=sampling)
+    t = res["tasks"]["gsm8k"]
+    assert t["primary"] == "maj@3_exact_match_flexible" and t["sampling"]["n"] == 3
+    assert "maj@3_exact_match_strict" in t["metrics"] and "pass@3_exact_match_flexible" in t["metrics"]
+    assert any("temperature=1.0" in d for d in t["deviations"])
+    recs = [json.loads(line) for line in (tmp_path / "samples_gsm8k.jsonl").read_text().splitlines()]
+    assert all(len(r["generation"]) == 3 and len(r["sample_scores"]) == 3 for r in recs)
+    # A random tiny model at temperature 1 draws different samples; seeds are per (item, sample), so a
+    # second run reproduces them exactly.
+    assert len(set(recs[0]["generation"])) > 1
+    again = evaluate.run(ours, ["gsm8k"], tmp_path / "again", limit=2, progress=False, sampling=sampling)
+    recs2 = [json.loads(line) for line in (tmp_path / "again" / "samples_gsm8k.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in recs] == [r["generation"] for r in recs2]
+    assert again["tasks"]["gsm8k"]["metrics"] == t["metrics"]
+
+
+def test_code_tasks_run_their_programs_in_the_sandbox(ours, tmp_path):
+    from evalsuite import evaluate, execution
+    why = execution.bwrap_available()
+    if why:
+        pytest.skip(f"no sandbox here: {why}")
+    res = evaluate.run(ours, ["humaneval", "mbpp"], tmp_path, limit=2, progress=False,
+                       execution={"sandbox": "bwrap", "timeout_s": 5})
+    for name in ("humaneval", "mbpp"):
+        t = res["tasks"][name]
+        assert t["primary"] == "pass@1" and t["num_items"] == 2
+        assert t["execution"]["sandbox"] == "bwrap" and t["execution"]["programs"] == 4
+        recs = [json.loads(line) for line in (tmp_path / f"samples_{name}.jsonl").read_text().splitlines()]
+        # A random model writes no working code; each sample says how its program ended.
+        assert all(r["execution"]["status"] in ("failed", "timeout", "killed") for r in recs)
+        assert t["metrics"]["pass@1"]["value"] == 0.0
+    # sandbox=none runs, and says so where the results are read.
+    res = evaluate.run(ours, ["humaneval"], tmp_path / "none", limit=1, progress=False, execution={"sandbox": "none"})
+    assert res["tasks"]["humaneval"]["execution"]["sandbox"] == "none"
+    assert any("WITHOUT a sandbox" in d for d in res["tasks"]["humaneval"]["deviations"])

@@ -201,3 +201,64 @@ def test_agieval_english_subsets_with_their_published_examples():
     it = by["sat-math"]
     assert it.choices == ["A", "B", "C", "D"] and it.gold == 3 and it.requests[it.gold].continuation == " D"
     assert it.requests[0].shared_prefix > 0 and it.requests[0].context.endswith("The answer is therefore")
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (1, 1, 1, 1.0), (1, 0, 1, 0.0),
+    (5, 2, 1, 2 / 5),                      # pass@1 is the fraction correct
+    (5, 2, 2, 1 - (3 * 2) / (5 * 4)),      # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    (10, 1, 10, 1.0),                      # n - c < k: some draw of k always holds the correct one
+    (4, 0, 3, 0.0),
+])
+def test_pass_at_k_unbiased_estimator(n, c, k, expected):
+    from evalsuite.metrics import pass_at_k
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    from evalsuite.metrics import pass_at_k
+    with pytest.raises(ValueError, match="n=3, c=4"):
+        pass_at_k(3, 4, 1)
+
+
+def test_majority_vote_ignores_samples_without_an_answer():
+    from evalsuite.metrics import majority_index
+    inv = scorers.INVALID
+    assert majority_index(["3", "4", "4", "3"]) == 0  # tie: the answer seen first
+    assert majority_index(["3", "4", "4"]) == 1
+    assert majority_index([inv, inv, "7"], inv) == 2  # one answer beats two unanswered samples
+    assert majority_index([inv, inv], inv) == 0
+
+
+def test_maj_at_n_and_pass_at_k_from_samples():
+    from evalsuite.evaluate import Sampling
+    from evalsuite.runner import GenerationResult
+    spec = tasks.load_spec("gsm8k")
+    doc = {"question": "?", "answer": "#### 12"}
+    texts = [" So 11.\n#### 11", " It is 12.\n#### 12", " 10 + 2 = 12", " We get 11 apples"]
+    s = Sampling(n=4, temperature=0.7)
+    assert s.metric_names(spec) == ["exact_match_strict", "exact_match_flexible", "maj@4_exact_match_strict",
+                                    "maj@4_exact_match_flexible", "pass@4_exact_match_strict",
+                                    "pass@4_exact_match_flexible"]
+    got, per_sample, answers = s.score(spec, [GenerationResult(t) for t in texts], doc)
+    # strict answers: 11, 12, -, - -> the two answered samples tie, 11 came first -> wrong.
+    # flexible answers: 11, 12, 12, 11 -> tie, 11 first -> wrong; 1 strict and 2 flexible of 4 correct.
+    assert got == {"exact_match_strict": 0.25, "exact_match_flexible": 0.5, "maj@4_exact_match_strict": 0.0,
+                   "maj@4_exact_match_flexible": 0.0, "pass@4_exact_match_strict": 1.0,
+                   "pass@4_exact_match_flexible": 1.0}
+    texts[0] = " So 12.\n#### 12"
+    got, _, _ = s.score(spec, [GenerationResult(t) for t in texts], doc)
+    assert got["maj@4_exact_match_strict"] == 1.0 and got["maj@4_exact_match_flexible"] == 1.0
+    assert s.primary(spec) == "maj@4_exact_match_flexible" and Sampling().primary(spec) == "exact_match_flexible"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n": 4}, "generation.n=4 with greedy decoding"),
+    ({"n": 0}, "generation.n=0: expected a whole number >= 1"),
+    ({"temperature": -1.0}, "generation.temperature=-1.0"),
+    ({"top_p": 1.5}, "generation.top_p=1.5"),
+])
+def test_sampling_settings_are_checked(kwargs, message):
+    from evalsuite.evaluate import Sampling
+    with pytest.raises(ValueError, match=message):
+        Sampling(**kwargs)
