@@ -267,6 +267,12 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
     }
     (out_dir / "results.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
     (out_dir / "summary.md").write_text(summary_markdown(out))
+    try:  # the results are on disk already; a report that cannot be drawn must not lose them
+        from . import report
+        report.write([out_dir])
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: report not written ({type(e).__name__}: {e}); "
+              f"retry with python -m evalsuite.report {out_dir}")
     return out
 
 

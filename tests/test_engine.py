@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,10 @@ def test_cli_end_to_end_writes_results(tmp_path):
     lines = (run_dir / "samples_piqa.jsonl").read_text().splitlines()
     assert len(lines) == 5 and {"prompt", "choices", "logprobs", "predictions", "gold"} <= set(json.loads(lines[0]))
     assert "| piqa |" in proc.stdout
+    # The report against the published numbers is written with every run (gemma3_270m: the model card).
+    md = (run_dir / "report.md").read_text()
+    assert re.search(r"\| piqa \| [0-9.]+ ± [0-9.]+ \| 67\.7 [✓✗] \|", md), md
+    assert "<svg" in (run_dir / "report.html").read_text()
 
 
 def test_cli_bad_overrides_name_the_valid_choices(tmp_path):

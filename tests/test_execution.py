@@ -1,7 +1,7 @@
 """Sandboxed execution of generated code: the reference solutions pass, wrong ones fail, and hostile
 programs neither harm the host nor the harness.
 
-Needs bubblewrap; without it these tests skip with the reason, except where EVALSUITE_REQUIRE_SANDBOX=1
+Needs bubblewrap; without it these tests skip with the reason, except where EVALSUITE_REQUIRE_TOOLS=1
 (CI sets it, after installing bubblewrap) turns the missing sandbox into a failure.
 """
 
@@ -18,8 +18,8 @@ from evalsuite import data, execution, scorers
 from evalsuite.execution import Limits, run_all, run_one
 
 WHY_NOT = execution.bwrap_available()
-if WHY_NOT and os.environ.get("EVALSUITE_REQUIRE_SANDBOX") == "1":
-    raise RuntimeError(f"EVALSUITE_REQUIRE_SANDBOX=1 but {WHY_NOT}")
+if WHY_NOT and os.environ.get("EVALSUITE_REQUIRE_TOOLS") == "1":
+    raise RuntimeError(f"EVALSUITE_REQUIRE_TOOLS=1 but {WHY_NOT}")
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"no sandbox here: {WHY_NOT}")
 
 FAST = Limits(timeout_s=5, cpu_s=4)

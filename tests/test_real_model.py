@@ -81,3 +81,26 @@ def test_gsm8k_greedy_generations_match_transformers_generate(ours_270m, hf_270m
                                do_sample=False, pad_token_id=0)
     for i, res in enumerate(ours):
         assert res.tokens == ref[i, width:width + len(res.tokens)].tolist(), f"prompt {i}"
+
+
+def test_compare_flags_a_perturbed_model_and_passes_the_same_model(ours_270m, tmp_path):
+    from evalsuite import compare, evaluate
+    run = lambda d: evaluate.run(ours_270m, ["arc_e"], tmp_path / d, limit=100, progress=False)  # noqa: E731
+    run("base")
+    run("again")
+    # Plant a regression: noise as large as the weights themselves in every MLP down-projection.
+    params = {n: p for n, p in ours_270m.model.named_parameters() if "down" in n}
+    assert params, "no MLP down-projection weights found to perturb"
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    gen = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(torch.randn(p.shape, generator=gen) * p.std())
+        run("perturbed")
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+    assert compare.main([str(tmp_path / "base"), str(tmp_path / "again")]) == 0
+    assert compare.main([str(tmp_path / "base"), str(tmp_path / "perturbed")]) == 1
