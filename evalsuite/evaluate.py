@@ -115,17 +115,23 @@ class Sampling:
         return maj if maj in self.metric_names(spec) else spec["primary"]
 
 
-def execution_problem(execution: dict) -> str | None:
-    """Check the execution settings (ValueError naming the option) and say why code tasks cannot
-    run here, or None when they can."""
-    exec_cfg = dict(execution)
+def execution_settings(execution: dict | None) -> tuple[str, int | None, Limits]:
+    """(sandbox, workers, limits) from the `execution` config group; ValueError naming a bad option."""
+    exec_cfg = dict(execution or {})
     sandbox, workers = exec_cfg.pop("sandbox", "bwrap"), exec_cfg.pop("workers", None)
     try:
-        Limits(**exec_cfg)
+        limits = Limits(**exec_cfg)
     except TypeError as e:
         raise ValueError(f"execution: {e}; expected keys sandbox, workers and {', '.join(Limits.__dataclass_fields__)}")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ValueError(f"execution.workers={workers!r}: expected null (one per core) or a whole number >= 1")
+    return sandbox, workers, limits
+
+
+def execution_problem(execution: dict) -> str | None:
+    """Check the execution settings (ValueError naming the option) and say why code tasks cannot
+    run here, or None when they can."""
+    sandbox, _, _ = execution_settings(execution)
     try:
         require_sandbox(sandbox)
     except SandboxError as e:
@@ -172,15 +178,12 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
         if spec["kind"] == "generate":
             program = getattr(scorers.SCORERS[spec["scorer"]], "PROGRAM", None)
             for it in items:
-                for j in range(g, g + sampling.n):
-                    if program:
-                        programs[j] = program(gen_results[j].text, it.doc)
+                if program:
+                    programs.update((j, program(gen_results[j].text, it.doc)) for j in range(g, g + sampling.n))
                 g += sampling.n
     outcomes, exec_info = {}, None
     if programs:
-        exec_cfg = dict(execution or {})
-        sandbox, workers = exec_cfg.pop("sandbox", "bwrap"), exec_cfg.pop("workers", None)
-        limits = Limits(**exec_cfg)
+        sandbox, workers, limits = execution_settings(execution)
         t_exec = time.perf_counter()
         outs = run_all(list(programs.values()), limits, sandbox=sandbox, workers=workers, progress=progress)
         outcomes = dict(zip(programs, outs))
@@ -204,9 +207,8 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
                     record = {"index": it.index, "prompt": it.prompt, "generation": res.text, "finish": res.finish,
                               "num_tokens": len(res.tokens), "target": it.gold, "scores": got}
                     if outs is not None:
-                        record["execution"] = [{"status": o.status, "detail": o.detail, "seconds": round(o.seconds, 3)}
-                                               for o in outs]
-                        record["execution"] = record["execution"] if sampling.n > 1 else record["execution"][0]
+                        execs = [{"status": o.status, "detail": o.detail, "seconds": round(o.seconds, 3)} for o in outs]
+                        record["execution"] = execs if sampling.n > 1 else execs[0]
                     if sampling.n > 1:
                         record.update(generation=[r.text for r in res_all], finish=[r.finish for r in res_all],
                                       num_tokens=[len(r.tokens) for r in res_all], sample_scores=per_sample,

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -56,9 +56,6 @@ class ExecResult:
     @property
     def passed(self) -> bool:
         return self.status == "passed"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # Runs inside the sandbox as `python -I -S -c LAUNCHER <limits...> <program path>`: the limits are set on

@@ -35,13 +35,11 @@ PROBES = [
 def long_probe(window: int | None, tokenizer) -> str:
     """A text of more tokens than the sliding window (at least 600), numbered so it is not periodic."""
     need = max(600, (window or 0) + 64)
-    parts, text = [], ""
-    i = 0
-    while len(tokenizer.encode(text, bos=True)) <= need:
-        parts.extend(f"Line {i}: the {i % 13}th item weighs {i * 7 % 101} grams." for i in range(i, i + 50))
-        i += 50
-        text = " ".join(parts)
-    return text
+    lines: list[str] = []
+    while len(tokenizer.encode(" ".join(lines), bos=True)) <= need:
+        lines.extend(f"Line {i}: the {i % 13}th item weighs {i * 7 % 101} grams."
+                     for i in range(len(lines), len(lines) + 50))
+    return " ".join(lines)
 
 
 def probe_set(lm) -> list[str]:

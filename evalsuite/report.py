@@ -102,7 +102,7 @@ def task_rows(run: dict, model: tuple[str, str] | None) -> list[dict]:
     rows = []
     for name, t in run["tasks"].items():
         m = t["metrics"][t["primary"]]
-        value, se = 100 * m["value"], 100 * m["stderr"] if m["stderr"] == m["stderr"] else float("nan")
+        value, se = 100 * m["value"], 100 * m["stderr"]  # stderr nan (one item) stays nan
         lo, hi = value - 1.96 * se, value + 1.96 * se
         pub = lookup(*model, name) if model else None
         spec = task_map().get(name)
