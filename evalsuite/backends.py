@@ -10,7 +10,7 @@ A backend gives the runner
                          can be shared; otherwise every request gets a plain causal row of its own
     hidden(ids, positions, valid, cache=None, attend=None) -> (b, t, hidden)
     head(h) -> logits (soft-capped) for hidden states of any leading shape
-    new_cache(), expand_cache(cache, b), select_cache(cache, rows)
+    new_cache(), batch_cache(caches) (row r starts with the one-row caches[r]), select_cache(cache, rows)
     describe() -> what results.json records about the model
 """
 
@@ -50,8 +50,10 @@ class OursBackend:
     def new_cache(self):
         return self.lm.model.new_cache()
 
-    def expand_cache(self, cache, batch: int):
-        return cache.expand(batch)
+    def batch_cache(self, caches):
+        if all(c is caches[0] for c in caches):
+            return caches[0].expand(len(caches))  # one prefix: views, no copy
+        return type(caches[0]).stack(caches)
 
     def select_cache(self, cache, rows: torch.Tensor):
         return cache.select(rows)
@@ -153,7 +155,7 @@ class HFBackend:
         from transformers import DynamicCache
         return _HFCache(DynamicCache())
 
-    def expand_cache(self, cache, batch: int):
+    def batch_cache(self, caches):
         raise NotImplementedError("the transformers backend does not share KV between requests")
 
     def select_cache(self, cache, rows: torch.Tensor):

@@ -169,24 +169,82 @@ class Runner:
     @torch.inference_mode()
     def _score(self, rows, desc: str) -> dict:
         """rows: (prefix, context, [(key, continuation tokens)]) -> {key: (logprob, is_greedy, n)}."""
-        by_prefix: dict[tuple[int, ...], list] = {}
-        for pre, body, conts in rows:
-            by_prefix.setdefault(pre, []).append((body, conts))
-        plain, shared = [], []
-        for pre, group in by_prefix.items():
-            if pre and len(group) > 1 and self.backend.packing and self.share_prefix and all(b for b, _ in group):
-                shared.append((pre, group))
-            else:
-                plain += [(pre + body, conts) for body, conts in group]
+        groups = self._group([(pre, body, sum(len(c) for _, c in conts), conts) for pre, body, conts in rows])
         out: dict = {}
         bar = tqdm(total=sum(len(c) for _, _, c in rows), desc=desc, unit="req", disable=not self.progress)
-        for pre, group in [((), plain)] + shared:
-            cache = self._prefix_cache(pre) if pre else None
-            for batch in self._batches(group, len(pre)):
-                out.update(self._run_batch(batch, cache, len(pre)))
-                bar.update(sum(len(c) for _, c in batch))
+        for prefixes, batch, cache in self._batches_with_caches(groups):
+            out.update(self._run_batch(batch, cache, [len(p) for p in prefixes]))
+            bar.update(sum(len(c) for _, c in batch))
         bar.close()
         return out
+
+    # ---- batching ------------------------------------------------------------------------------
+    def _group(self, rows) -> dict:
+        """rows: [(prefix, rest, tokens to follow, tag)] -> {prefix: [(span, (tokens to run, tag))]}.
+
+        A prefix used by several rows (with a non-empty rest) is shared: its rows run only their rest.
+        Other rows go to the plain group () with their prefix as ordinary tokens.
+        """
+        uses = Counter(pre for pre, rest, _, _ in rows if pre and rest)
+        groups: dict[tuple[int, ...], list] = {(): []}
+        for pre, rest, follow, tag in rows:
+            span = len(pre) + len(rest) + follow
+            if pre and rest and uses[pre] > 1 and self.backend.packing and self.share_prefix:
+                groups.setdefault(pre, []).append((span, (rest, tag)))
+            else:
+                groups[()].append((span, (pre + rest, tag)))
+        return groups
+
+    def _room(self, rows: int, widest: int) -> bool:
+        """Whether a batch of `rows` rows, the widest spanning `widest` tokens, may take one more row."""
+        return rows < self.batch_size and (rows + 1) * widest <= self.token_budget
+
+    def _fill(self, rows) -> list[list]:
+        """rows: [(prefix, (span, item))] in order -> batches under batch_size and the token budget."""
+        batches, batch, widest = [], [], 0
+        for row in rows:
+            if batch and not self._room(len(batch), max(widest, row[1][0])):
+                batches.append(batch)
+                batch, widest = [], 0
+            batch.append(row)
+            widest = max(widest, row[1][0])
+        return batches + [batch] if batch else batches
+
+    def _plan(self, groups: dict) -> list[list]:
+        """groups: {prefix: [(span, item)]}, span = tokens the item needs including its prefix.
+
+        Each group is batched on its own, longest first, so that one prefix's KV is shared as views.
+        The last, partly filled batch of every prefix group then goes to a pool that is batched
+        across prefixes (their caches are stacked): a task made of many small few-shot groups, such as
+        BBH's 27 subtasks at a small limit, still runs in full batches. The pool keeps group order, so
+        a prefix is needed by a few consecutive batches only.
+        """
+        plan, pool = [], []
+        for pre, members in groups.items():
+            batches = self._fill([(pre, m) for m in sorted(members, key=lambda m: -m[0])])
+            if pre and batches and self._room(len(batches[-1]), max(m[0] for _, m in batches[-1])):
+                pool += batches.pop()
+            plan += batches
+        return plan + self._fill(pool)
+
+    def _batches_with_caches(self, groups: dict):
+        """Yields (prefix per row, [item], cache or None): each prefix is run once, batch 1, when its
+        first batch comes, and dropped after its last one."""
+        plan = self._plan(groups)
+        last = {pre: i for i, batch in enumerate(plan) for pre, _ in batch}
+        caches: dict[tuple[int, ...], object] = {}
+        for i, batch in enumerate(plan):
+            prefixes = [pre for pre, _ in batch]
+            cache = None
+            if prefixes[0]:  # rows of the plain group carry their prefix in their tokens
+                for pre in prefixes:
+                    if pre not in caches:
+                        caches[pre] = self._prefix_cache(pre)
+                cache = self.backend.batch_cache([caches[pre] for pre in prefixes])
+            yield prefixes, [item for _, (_, item) in batch], cache
+            for pre in set(prefixes):
+                if last[pre] == i:
+                    caches.pop(pre, None)
 
     def _prefix_cache(self, pre):
         dev = self.backend.device
@@ -197,22 +255,10 @@ class Runner:
         self.tokens_forwarded += n
         return cache
 
-    def _batches(self, rows, prefix_len: int):
-        rows = sorted(rows, key=lambda r: -(len(r[0]) + sum(len(c) for _, c in r[1])))
-        batch, first = [], 0
-        for row in rows:
-            width = len(row[0]) + sum(len(c) for _, c in row[1])
-            if batch and (len(batch) >= self.batch_size or (len(batch) + 1) * (first + prefix_len) > self.token_budget):
-                yield batch
-                batch = []
-            if not batch:
-                first = width
-            batch.append(row)
-        if batch:
-            yield batch
-
-    def _run_batch(self, batch, cache, P: int) -> dict:
+    def _run_batch(self, batch, cache, offsets: list[int]) -> dict:
+        """offsets: each row's prefix length (its tokens in `cache`); positions continue from it."""
         dev, packing = self.backend.device, self.backend.packing
+        P = max(offsets)  # the cache's width (shorter prefixes are left-padded in it)
         width = max(len(ctx) + sum(len(c) for _, c in conts) for ctx, conts in batch)
         b = len(batch)
         ids = torch.full((b, width), self.backend.tokenizer.pad_id, dtype=torch.long)
@@ -221,14 +267,14 @@ class Runner:
         at = torch.zeros(b, width, dtype=torch.bool)  # positions whose logits are needed
         targets = []  # per request: (key, row, [(position predicting it, token)])
         for r, (ctx, conts) in enumerate(batch):
-            n = len(ctx)
-            ids[r, :n], pos[r, :n], seg[r, :n] = torch.tensor(ctx), torch.arange(P, P + n), 0
+            n, o = len(ctx), offsets[r]
+            ids[r, :n], pos[r, :n], seg[r, :n] = torch.tensor(ctx), torch.arange(o, o + n), 0
             at[r, n - 1] = True
             off = n
             for k, (key, cont) in enumerate(conts, start=1):
                 m = len(cont)
                 ids[r, off:off + m], seg[r, off:off + m] = torch.tensor(cont), k
-                pos[r, off:off + m] = torch.arange(P + n, P + n + m)
+                pos[r, off:off + m] = torch.arange(o + n, o + n + m)
                 at[r, off:off + m - 1] = True
                 preds = [n - 1] + list(range(off, off + m - 1))
                 targets.append((key, r, list(zip(preds, cont))))
@@ -241,8 +287,7 @@ class Runner:
                 attend = torch.cat([torch.ones(b, width, P, dtype=torch.bool), attend], dim=2)
             attend = attend.to(dev)
         ids, pos, valid, at = (t.to(dev) for t in (ids, pos, valid, at))
-        row_cache = self.backend.expand_cache(cache, b) if cache is not None else None
-        hidden = self.backend.hidden(ids, pos, valid, cache=row_cache, attend=attend)
+        hidden = self.backend.hidden(ids, pos, valid, cache=cache, attend=attend)
         sel = hidden[at]  # (n, hidden), row-major order of `at`; each needed position once
         where = {(r, p): i for i, (r, p) in enumerate(at.nonzero().tolist())}
         rows_idx, toks = [], []  # for every scored token: its row in `sel` and the token
@@ -286,32 +331,21 @@ class Runner:
                 raise ValueError(f"generation request {idx}: {len(pre) + len(body)} prompt tokens + max_tokens="
                                  f"{req.max_tokens} exceed the maximum length {self.max_length}")
             encoded.append((pre, body))
-        uses = Counter(pre for pre, _ in encoded if pre)
-        groups: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}
-        for idx, (pre, body) in enumerate(encoded):
-            if pre and body and uses[pre] > 1 and self.backend.packing and self.share_prefix:
-                groups.setdefault(pre, []).append((idx, body))
-            else:
-                groups.setdefault((), []).append((idx, pre + body))
+        groups = self._group([(pre, body, req.max_tokens, idx)
+                              for idx, ((pre, body), req) in enumerate(zip(encoded, requests))])
         results: list[GenerationResult | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="generate_until", unit="req", disable=not self.progress)
-        for pre, members in groups.items():
-            cache = self._prefix_cache(pre) if pre else None
-            members.sort(key=lambda m: -len(m[1]))
-            start = 0
-            while start < len(members):
-                longest = len(pre) + len(members[start][1]) + max(requests[i].max_tokens for i, _ in members[start:])
-                cap = max(1, min(self.batch_size, self.token_budget // longest))
-                chunk = members[start:start + cap]
-                outs = self._generate_batch([p for _, p in chunk], [requests[i] for i, _ in chunk], cache, len(pre))
-                for (i, _), res in zip(chunk, outs):
-                    results[i] = res
-                bar.update(len(chunk))
-                start += len(chunk)
+        for prefixes, batch, cache in self._batches_with_caches(groups):
+            outs = self._generate_batch([p for p, _ in batch], [requests[i] for _, i in batch], cache,
+                                        [len(p) for p in prefixes])
+            for (_, i), res in zip(batch, outs):
+                results[i] = res
+            bar.update(len(batch))
         bar.close()
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts, reqs, prefix_cache=None, P: int = 0) -> list[GenerationResult]:
+    def _generate_batch(self, prompts, reqs, cache, offsets: list[int]) -> list[GenerationResult]:
+        """cache: the rows' prefixes (offsets[r] tokens each) or None; prompts continue after them."""
         be, dev = self.backend, self.backend.device
         b, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((b, width), be.tokenizer.pad_id, dtype=torch.long)
@@ -319,10 +353,10 @@ class Runner:
         pos = torch.zeros(b, width, dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, width - len(p):], valid[r, width - len(p):] = torch.tensor(p), True
-            pos[r, width - len(p):] = torch.arange(P, P + len(p))
-        next_pos = torch.tensor([P + len(p) for p in prompts])
+            pos[r, width - len(p):] = torch.arange(offsets[r], offsets[r] + len(p))
+        next_pos = torch.tensor([o + len(p) for o, p in zip(offsets, prompts)])
         gens = [torch.Generator().manual_seed(q.seed) for q in reqs]
-        cache = be.expand_cache(prefix_cache, b) if prefix_cache is not None else be.new_cache()
+        cache = cache if cache is not None else be.new_cache()
         h = be.hidden(ids.to(dev), pos.to(dev), valid.to(dev), cache=cache)[:, -1]
         self.tokens_forwarded += int(valid.sum())
         active = list(range(b))  # original row of each live batch row

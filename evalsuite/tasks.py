@@ -77,12 +77,26 @@ def available_tasks() -> list[str]:
     return sorted(p.parent.name for p in TASKS_DIR.glob("*/task.yaml"))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise TaskError(f"{self.name}: line {key_node.start_mark.line + 1}: field {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 @lru_cache(maxsize=None)
 def load_spec(name: str) -> TaskSpec:
     path = TASKS_DIR / name / "task.yaml"
     if not path.exists():
         raise TaskError(f"unknown task {name!r}; available tasks: {', '.join(available_tasks())}")
-    raw = yaml.safe_load(path.read_text())
+    with open(path) as fh:
+        raw = yaml.load(fh, Loader=_StrictLoader)
     for key in ("name", "version", "data", "fields", "fewshot", "kind", "metrics", "primary"):
         if key not in raw:
             raise TaskError(f"{path}: missing field {key!r}")

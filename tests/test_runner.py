@@ -138,6 +138,37 @@ def test_generation_same_whatever_the_batch_size_and_equal_to_single_greedy(ours
         len(runner.encode_context(q.context, q.shared_prefix)[1]) for q in reqs[-2:])
 
 
+def _small_groups():
+    """Three few-shot blocks of different lengths: 5, 2 and 2 questions each."""
+    blocks = [FEWSHOT, FEWSHOT[:90], "Question: Name a colour.\nAnswer: red\n\n"]
+    qs = [("What is 3 plus 4?", "8 plus 1?", "2 plus 2?", "5 plus 5?", "6 plus 0?"), ("1 plus 8?", "7 plus 2?"),
+          ("Name a fruit.", "Name a day of the week.")]
+    return [(block + f"Question: {q}\nAnswer:", len(block)) for block, group in zip(blocks, qs) for q in group]
+
+
+def test_small_few_shot_groups_share_batches_with_the_same_results(ours):
+    prompts = _small_groups()
+    gens = [Generation(p, stop=("\n\n",), max_tokens=8, shared_prefix=n) for p, n in prompts]
+    lls = [Loglikelihood(p, c, shared_prefix=n) for p, n in prompts for c in (" 7", " blue")]
+    runner = Runner(ours, batch_size=4, progress=False)
+    groups = runner._group([(*runner.encode_context(g.context, g.shared_prefix), g.max_tokens, i)
+                            for i, g in enumerate(gens)])
+    plan = runner._plan(groups)
+    # One full batch from the 5-question block, then its remainder and both small blocks pooled.
+    assert [len(b) for b in plan] == [4, 4, 1]
+    assert len({pre for pre, _ in plan[1]}) == 3
+    got = runner.generate_until(gens)
+    alone = Runner(ours, batch_size=1, progress=False, share_prefix=False).generate_until(gens)
+    assert [r.tokens for r in got] == [r.tokens for r in alone]
+    # each block went through the network once, each question's own tokens once
+    assert runner.tokens_forwarded == sum(len(pre) for pre in groups if pre) + sum(
+        len(runner.encode_context(g.context, g.shared_prefix)[1]) for g in gens)
+    shared = Runner(ours, batch_size=4, progress=False).loglikelihood(lls)
+    plain = Runner(ours, batch_size=1, progress=False, share_prefix=False).loglikelihood(lls)
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(shared, plain)) <= 1e-4
+    assert [a.is_greedy for a in shared] == [b.is_greedy for b in plain]
+
+
 def test_generation_matches_the_transformers_backend(ours, hf):
     reqs = [q for q in _gen_requests() if q.temperature == 0]
     a = Runner(ours, progress=False).generate_until(reqs)

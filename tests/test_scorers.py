@@ -56,6 +56,20 @@ def test_unknown_scorer_is_a_clear_error(tmp_path, monkeypatch):
         tasks.load_spec.cache_clear()
 
 
+def test_a_field_given_twice_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "twice").mkdir()
+    (tmp_path / "twice" / "task.yaml").write_text(
+        "name: twice\nversion: 1\ndata: {file: gsm8k/test.jsonl.gz}\nfields: [question]\nfewshot: {count: 0}\n"
+        "kind: multiple_choice\nprompt: 'Q'\nchoices: '[]'\ngold: '0'\nprompt: 'again'\nmetrics: [acc]\nprimary: acc\n")
+    monkeypatch.setattr(tasks, "TASKS_DIR", tmp_path)
+    tasks.load_spec.cache_clear()
+    try:
+        with pytest.raises(tasks.TaskError, match="twice/task.yaml: line 10: field 'prompt' is given twice"):
+            tasks.load_spec("twice")
+    finally:
+        tasks.load_spec.cache_clear()
+
+
 @pytest.mark.parametrize("text, refs, hit", [
     (" The Beatles", ["Beatles"], 1.0),  # article and case
     ("  Baker, California!", ["Baker California"], 1.0),  # punctuation, spacing
@@ -201,6 +215,7 @@ def test_agieval_english_subsets_with_their_published_examples():
     it = by["sat-math"]
     assert it.choices == ["A", "B", "C", "D"] and it.gold == 3 and it.requests[it.gold].continuation == " D"
     assert it.requests[0].shared_prefix > 0 and it.requests[0].context.endswith("The answer is therefore")
+    assert " \n" not in it.requests[0].context  # examples laid out exactly as the question
 
 
 @pytest.mark.parametrize("n, c, k, expected", [

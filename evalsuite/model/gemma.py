@@ -166,6 +166,27 @@ class KVCache:
         out.valid = self.valid.expand(batch, -1)
         return out
 
+    @staticmethod
+    def stack(caches: list["KVCache"]) -> "KVCache":
+        """One row per one-row cache, left-padded to the longest (padding is marked invalid, so it is
+        never attended to); lets requests with different few-shot prefixes share a batch."""
+        width = max(len(c) for c in caches)
+        out = KVCache(len(caches[0].k))
+
+        def pad(t: torch.Tensor, n: int, dim: int, value=0) -> torch.Tensor:
+            if n == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([torch.full(shape, value, dtype=t.dtype, device=t.device), t], dim=dim)
+
+        gaps = [width - len(c) for c in caches]
+        out.k = [torch.cat([pad(c.k[i], g, 2) for c, g in zip(caches, gaps)]) for i in range(len(out.k))]
+        out.v = [torch.cat([pad(c.v[i], g, 2) for c, g in zip(caches, gaps)]) for i in range(len(out.v))]
+        out.positions = torch.cat([pad(c.positions, g, 1) for c, g in zip(caches, gaps)])
+        out.valid = torch.cat([pad(c.valid, g, 1, False) for c, g in zip(caches, gaps)])
+        return out
+
     def select(self, rows: torch.Tensor) -> "KVCache":
         """Keep only the given batch rows (e.g. drop finished sequences during decoding)."""
         out = KVCache(len(self.k))
