@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -14,9 +15,55 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
+    handle(cfg)
+
+
+def handle(cfg: DictConfig) -> None:
+    """Errors end the run with one paragraph naming the culprit and exit status 2 (debug=true: the
+    traceback); Ctrl-C says where the finished work is kept."""
+    try:
+        run(cfg)
+    except KeyboardInterrupt:
+        where = cache_dir(cfg) if cfg.cache != "off" else None
+        sys.exit("interrupted. " + (f"Every finished batch is kept in the result cache {where}: run the same "
+                                    "command again to compute only what is missing." if where else
+                                    "The result cache was off (cache=off), so nothing was kept."))
+    except Exception as e:  # noqa: BLE001 -- the one place that turns errors into messages
+        if cfg.get("debug"):
+            raise
+        print(error_message(e), file=sys.stderr)
+        sys.exit(2)
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "cache"
+
+
+def error_message(e: BaseException) -> str:
+    from .data import DataError
+    from .execution import SandboxError
+    from .model.tokenizer import TokenizerError
+    from .model.weights import WeightsError
+    from .runner import NumericsError
+
+    known = (ValueError, DataError, WeightsError, TokenizerError, SandboxError, NumericsError, FileNotFoundError,
+             PermissionError)
+    if isinstance(e, known):
+        return f"error: {e}\n(debug=true shows the traceback)"
+    if isinstance(e, torch.OutOfMemoryError):
+        return ("error: out of memory even for a batch of one request (batches are halved and retried before "
+                "this): use a smaller model or dtype=bfloat16 on a GPU, or a device with more memory\n"
+                "(debug=true shows the traceback)")
+    return (f"internal error: {type(e).__name__}: {e}\nThis is a bug in evalsuite, or a case it does not handle; "
+            "run again with debug=true for the traceback and report it.")
+
+
+def run(cfg: DictConfig) -> None:
     from . import evaluate, tasks
     from .model import load_model
 
+    if cfg.cache not in ("off", "read", "write", "refresh"):
+        sys.exit(f"cache={cfg.cache!r}: expected off, read, write or refresh")
     if "tasks" not in cfg:
         sys.exit("no tasks given: add +tasks=NAME or +tasks=[A,B]; tasks: "
                  f"{', '.join(tasks.available_tasks())}; suites: {', '.join(evaluate.SUITES)}")
@@ -46,8 +93,12 @@ def main(cfg: DictConfig) -> None:
     res = evaluate.run(model, task_names, out_dir, limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=cfg.seed,
                        batch_size=cfg.batch_size, token_budget=cfg.token_budget, data_source=cfg.data.source,
                        progress=cfg.progress, chat=cfg.chat, fewshot_sampler=cfg.fewshot_sampler,
-                       share_prefix=cfg.share_prefix, sampling=sampling, execution=execution, skipped=skipped, config=OmegaConf.to_container(cfg, resolve=True))
+                       share_prefix=cfg.share_prefix, sampling=sampling, execution=execution, skipped=skipped,
+                       config=OmegaConf.to_container(cfg, resolve=True), cache=cfg.cache, cache_dir=cache_dir(cfg))
     print(evaluate.summary_markdown(res))
+    c = res["cache"]
+    if c["mode"] != "off":
+        print(f"result cache {c['dir']}: {c['requests_from_cache']} requests read, {c['requests_computed']} computed")
     print(f"results: {out_dir / 'results.json'}")
 
 

@@ -10,6 +10,7 @@ A backend gives the runner
                          can be shared; otherwise every request gets a plain causal row of its own
     hidden(ids, positions, valid, cache=None, attend=None) -> (b, t, hidden)
     head(h) -> logits (soft-capped) for hidden states of any leading shape
+    nonfinite_origin()   where the last `hidden` call first produced NaN/inf (or None)
     new_cache(), batch_cache(caches) (row r starts with the one-row caches[r]), select_cache(cache, rows)
     describe() -> what results.json records about the model
 """
@@ -46,6 +47,9 @@ class OursBackend:
 
     def head(self, h):
         return self.lm.model.head(h)
+
+    def nonfinite_origin(self) -> str | None:
+        return self.lm.model.nonfinite_origin()
 
     def new_cache(self):
         return self.lm.model.new_cache()
@@ -102,7 +106,7 @@ class HFBackend:
         try:
             import transformers
         except ImportError:
-            raise RuntimeError("model.backend=hf needs transformers: pip install 'evalsuite[hf]'") from None
+            raise ValueError("model.backend=hf needs transformers: pip install 'evalsuite[hf]'") from None
         from .model import PRESET_SOURCES
         from .model.weights import resolve_source
 
@@ -118,7 +122,7 @@ class HFBackend:
                 folder, dtype=dt, attn_implementation="eager", **kw).to(dev).eval()
             tok = transformers.AutoTokenizer.from_pretrained(folder, **kw)
         except (OSError, ValueError) as e:
-            raise RuntimeError(f"model.backend=hf: transformers cannot load {path}: {e}") from None
+            raise ValueError(f"model.backend=hf: transformers cannot load {path}: {e}") from None
         self.ref, self.device = ref, dev
         self._files = [path] if path.is_file() else sorted(
             p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
@@ -150,6 +154,9 @@ class HFBackend:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def nonfinite_origin(self) -> str | None:
+        return None  # not traced inside transformers
 
     def new_cache(self):
         from transformers import DynamicCache

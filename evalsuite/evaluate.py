@@ -14,8 +14,9 @@ from typing import Any
 
 from . import metrics, scorers, tasks
 from .backends import as_backend
+from .cache import ResultCache, model_key
 from .execution import SANDBOXES, Limits, SandboxError, interpreter, require_sandbox, run_all
-from .runner import Generation, Runner
+from .runner import Generation, Runner, TooLong
 
 # Rows of the Gemma 2 paper's table that exist as tasks so far.
 SUITES = {"paper": ["mmlu", "arc_c", "arc_e", "gsm8k", "math", "agieval", "bbh", "triviaqa", "nq", "drop", "hellaswag",
@@ -151,10 +152,21 @@ def git_commit() -> str | None:
 
 def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=None, seed=1234,
         batch_size=16, token_budget=16384, data_source="local", progress=True, chat=False, fewshot_sampler=None,
-        share_prefix=True, sampling: Sampling = Sampling(), execution: dict | None = None, skipped: dict[str, str] | None = None, config: dict | None = None) -> dict:
-    """model: a LoadedModel (our network) or a backend from evalsuite.backends."""
+        share_prefix=True, sampling: Sampling = Sampling(), execution: dict | None = None,
+        skipped: dict[str, str] | None = None, config: dict | None = None, cache: str = "off",
+        cache_dir: str | Path | None = None) -> dict:
+    """model: a LoadedModel (our network) or a backend from evalsuite.backends.
+    cache: off | read | write | refresh (see evalsuite.cache), in cache_dir (default out_dir/cache)."""
     backend = as_backend(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".write-test").touch()
+        (out_dir / ".write-test").unlink()
+    except OSError as e:
+        raise ValueError(f"output_dir: cannot write results to {out_dir} ({e.strerror or e})") from None
+    result_cache = None
+    if cache != "off":
+        result_cache = ResultCache(cache_dir or out_dir / "cache", cache, model_key(backend.describe()))
     t_start = time.perf_counter()
     built = {}
     for name in task_names:
@@ -167,10 +179,21 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
     gen_requests = [r for name, (spec, items, _) in built.items() if spec["kind"] == "generate" for it in items
                     for r in sampling.requests(it.requests[0], name, it.index, seed)]
     runner = Runner(backend, batch_size=batch_size, token_budget=token_budget, progress=progress,
-                    share_prefix=share_prefix)
+                    share_prefix=share_prefix, cache=result_cache)
     t0 = time.perf_counter()
-    ll_results = runner.loglikelihood(ll_requests) if ll_requests else []
-    gen_results = runner.generate_until(gen_requests) if gen_requests else []
+    ll_results = None
+    try:
+        ll_results = runner.loglikelihood(ll_requests) if ll_requests else []
+        gen_results = runner.generate_until(gen_requests) if gen_requests else []
+    except TooLong as e:  # name the task and item, not the runner's request number
+        generating = ll_results is not None
+        owners = [(name, it.index) for name, (spec, items, _) in built.items()
+                  if (spec["kind"] == "generate") == generating for it in items
+                  for _ in (range(sampling.n) if generating else it.requests)]
+        name, index = owners[e.index]
+        raise ValueError(f"task {name!r}, item {index}: the prompt {e.what} (model.max_position_embeddings). "
+                         "evalsuite does not truncate prompts (a cut prompt is not the benchmark's question): "
+                         "lower num_fewshot or use a model with a longer context") from None
     score_seconds = time.perf_counter() - t0
     # Code tasks: every sample's program runs in the sandbox, all tasks' programs in one parallel pool.
     programs, g = {}, 0
@@ -265,7 +288,10 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
         "timing": {"wall_seconds": time.perf_counter() - t_start, "scoring_seconds": score_seconds,
                    "requests": len(ll_requests) + len(gen_requests), "tokens_scored": runner.tokens_scored,
                    "tokens_forwarded": runner.tokens_forwarded, "tokens_generated": runner.tokens_generated,
-                   "tokens_per_second": runner.tokens_forwarded / score_seconds if score_seconds else None},
+                   "tokens_per_second": runner.tokens_forwarded / score_seconds if score_seconds else None,
+                   "oom_splits": runner.oom_splits},  # batches halved after running out of memory
+        "cache": {"mode": cache, "dir": str(result_cache.folder) if result_cache else None,
+                  "requests_from_cache": runner.from_cache, "requests_computed": runner.computed},
     }
     (out_dir / "results.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
     (out_dir / "summary.md").write_text(summary_markdown(out))

@@ -77,6 +77,19 @@ class GenerationResult:
     finish: str = "length"  # "stop" (a stop string), "eos" (a stop token) or "length"
 
 
+class NumericsError(RuntimeError):
+    pass
+
+
+class TooLong(ValueError):
+    """A request longer than the model's context. Nothing is truncated: a score computed on a cut
+    prompt is not the benchmark's score, so the run stops and names the request."""
+
+    def __init__(self, index: int, what: str):
+        self.index, self.what = index, what
+        super().__init__(f"request {index} {what}; evalsuite does not truncate prompts")
+
+
 def split_pair(context: str, continuation: str) -> tuple[str, str]:
     n = len(context) - len(context.rstrip(" "))
     if n:
@@ -86,8 +99,12 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
 
 class Runner:
     def __init__(self, model, batch_size: int = 16, token_budget: int = 16384, head_chunk: int = 512,
-                 progress: bool = True, share_prefix: bool = True, max_length: int = 8192):
+                 progress: bool = True, share_prefix: bool = True, max_length: int = 8192, cache=None):
         self.backend = as_backend(model)
+        self.cache = cache  # a ResultCache, or None
+        self.from_cache = 0  # requests answered by the cache
+        self.computed = 0  # requests computed here
+        self.oom_splits = 0  # batches split in halves after running out of memory
         self.batch_size, self.token_budget, self.head_chunk = batch_size, token_budget, head_chunk
         self.progress, self.share_prefix = progress, share_prefix
         self.max_length = min(max_length, self.backend.max_length)
@@ -127,7 +144,7 @@ class Runner:
     # ---- log-likelihood -----------------------------------------------------------------------
     def loglikelihood(self, requests) -> list[LoglikelihoodResult]:
         """requests: Loglikelihood objects or (context, continuation) pairs; results in input order."""
-        rows: dict[tuple, list] = {}
+        encoded = []
         for idx, req in enumerate(requests):
             if not isinstance(req, Loglikelihood):
                 req = Loglikelihood(*req)
@@ -141,24 +158,35 @@ class Runner:
             if not cont:
                 raise ValueError(f"request {idx}: empty continuation {req.continuation!r}")
             if len(pre) + len(body) + len(cont) > self.max_length:
-                raise ValueError(f"request {idx} needs {len(pre) + len(body) + len(cont)} tokens, more than the "
-                                 f"maximum length {self.max_length}")
-            key = (pre, body) if self.backend.packing else (pre, body, idx)
-            rows.setdefault(key, []).append((idx, cont))
-        scored = self._score([(k[0], k[1], conts) for k, conts in rows.items()], "loglikelihood")
+                raise TooLong(idx, f"needs {len(pre) + len(body) + len(cont)} tokens, more than the maximum "
+                                   f"length {self.max_length}")
+            encoded.append((pre, body, cont))
+        keys = [self._cache_key("loglikelihood", pre + body, cont) for pre, body, cont in encoded]
+        scored = self._cached(keys)
+        rows: dict[tuple, list] = {}
+        for idx, (pre, body, cont) in enumerate(encoded):
+            if idx not in scored:
+                key = (pre, body) if self.backend.packing else (pre, body, idx)
+                rows.setdefault(key, []).append((idx, cont))
+        scored.update(self._score([(k[0], k[1], conts) for k, conts in rows.items()], "loglikelihood",
+                                  lambda out: self._store("loglikelihood", keys, out)))
         return [LoglikelihoodResult(*scored[i]) for i in range(len(requests))]
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[LoglikelihoodResult]:
         """log p(text) token by token after BOS, in windows of at most max_length tokens; each window
         after the first is conditioned on the max_length - (its length) tokens before it."""
         win = self.max_length
-        rows = []
+        windows = []
         for idx, text in enumerate(texts):
             seq = (self.backend.tokenizer.bos_id, *self._encode(text))
             for a in range(1, len(seq), win - 1):
                 b = min(a + win - 1, len(seq))
-                rows.append(((), seq[max(0, b - win):a], [((idx, a), list(seq[a:b]))]))
-        scored = self._score(rows, "loglikelihood_rolling")
+                windows.append(((idx, a), seq[max(0, b - win):a], seq[a:b]))
+        keys = {w: self._cache_key("rolling", ctx, target) for w, ctx, target in windows}
+        cached = self._cached(list(keys.values()))
+        scored = {w: cached[i] for i, w in enumerate(keys) if i in cached}
+        rows = [((), ctx, [(w, list(target))]) for w, ctx, target in windows if w not in scored]
+        scored.update(self._score(rows, "loglikelihood_rolling", lambda out: self._store("rolling", keys, out)))
         out = []
         for idx in range(len(texts)):
             parts = [v for (i, _), v in scored.items() if i == idx]
@@ -166,14 +194,46 @@ class Runner:
                                            sum(p[2] for p in parts)))
         return out
 
+    def _check_finite(self, logits: torch.Tensor) -> None:
+        if bool(torch.isfinite(logits).all()):
+            return
+        where = self.backend.nonfinite_origin()
+        raise NumericsError(
+            "NaN or inf in the model's logits" + (f"; the first non-finite values came out of {where}" if where
+                                                  else "") +
+            f" (dtype {self.backend.describe()['dtype']}). The weights may be "
+            "corrupt, or the dtype may overflow: try dtype=float32. Stopped: no score is computed from NaN.")
+
+    # ---- result cache -------------------------------------------------------------------------
+    def _cache_key(self, kind: str, *request) -> str | None:
+        return self.cache.key(kind, request) if self.cache is not None else None
+
+    def _cached(self, keys: list) -> dict:
+        """{position in keys: cached value} for the keys the cache holds."""
+        if self.cache is None:
+            return {}
+        found = self.cache.get_many(list(dict.fromkeys(keys)))
+        hits = {i: tuple(found[k]) for i, k in enumerate(keys) if k in found}
+        self.from_cache += len(hits)
+        return hits
+
+    def _store(self, kind: str, keys, out: dict) -> None:
+        """Commit one batch's results (out: {request: value}; keys: request -> cache key)."""
+        self.computed += len(out)
+        if self.cache is not None:
+            self.cache.put_many(kind, {keys[r]: list(v) for r, v in out.items()})
+
     @torch.inference_mode()
-    def _score(self, rows, desc: str) -> dict:
-        """rows: (prefix, context, [(key, continuation tokens)]) -> {key: (logprob, is_greedy, n)}."""
+    def _score(self, rows, desc: str, store=None) -> dict:
+        """rows: (prefix, context, [(key, continuation tokens)]) -> {key: (logprob, is_greedy, n)};
+        store(batch results) is called after every batch."""
         groups = self._group([(pre, body, sum(len(c) for _, c in conts), conts) for pre, body, conts in rows])
         out: dict = {}
         bar = tqdm(total=sum(len(c) for _, _, c in rows), desc=desc, unit="req", disable=not self.progress)
-        for prefixes, batch, cache in self._batches_with_caches(groups):
-            out.update(self._run_batch(batch, cache, [len(p) for p in prefixes]))
+        for batch, done in self._execute(groups, self._run_batch):
+            if store is not None:
+                store(done)
+            out.update(done)
             bar.update(sum(len(c) for _, c in batch))
         bar.close()
         return out
@@ -227,24 +287,44 @@ class Runner:
             plan += batches
         return plan + self._fill(pool)
 
-    def _batches_with_caches(self, groups: dict):
-        """Yields (prefix per row, [item], cache or None): each prefix is run once, batch 1, when its
-        first batch comes, and dropped after its last one."""
+    def _execute(self, groups: dict, run):
+        """Runs every planned batch, yielding (items, run(items, cache, offsets)) per batch.
+
+        cache holds the rows' prefixes (None for the plain group), offsets their lengths. Each prefix
+        is run once, batch 1, before its first batch and dropped after its last one. A batch that
+        runs out of (CUDA) memory is split in halves and each half retried (counted in oom_splits).
+        """
         plan = self._plan(groups)
         last = {pre: i for i, batch in enumerate(plan) for pre, _ in batch}
         caches: dict[tuple[int, ...], object] = {}
         for i, batch in enumerate(plan):
             prefixes = [pre for pre, _ in batch]
-            cache = None
             if prefixes[0]:  # rows of the plain group carry their prefix in their tokens
                 for pre in prefixes:
                     if pre not in caches:
                         caches[pre] = self._prefix_cache(pre)
-                cache = self.backend.batch_cache([caches[pre] for pre in prefixes])
-            yield prefixes, [item for _, (_, item) in batch], cache
+            yield from self._run_halving(run, prefixes, [item for _, (_, item) in batch], caches)
             for pre in set(prefixes):
                 if last[pre] == i:
                     caches.pop(pre, None)
+
+    def _run_halving(self, run, prefixes, items, caches):
+        try:
+            cache = self.backend.batch_cache([caches[p] for p in prefixes]) if prefixes[0] else None
+            out = run(items, cache, [len(p) for p in prefixes])
+        except torch.OutOfMemoryError:
+            if len(items) == 1:
+                raise
+            out = None  # retried below, once the failed attempt's tensors are released
+        if out is not None:
+            yield items, out
+            return
+        self.oom_splits += 1
+        if self.backend.device.type == "cuda":
+            torch.cuda.empty_cache()
+        h = len(items) // 2
+        yield from self._run_halving(run, prefixes[:h], items[:h], caches)
+        yield from self._run_halving(run, prefixes[h:], items[h:], caches)
 
     def _prefix_cache(self, pre):
         dev = self.backend.device
@@ -303,6 +383,7 @@ class Runner:
         # choices), in chunks to bound the (chunk, vocab) fp32 logits.
         for start in range(0, sel.shape[0], self.head_chunk):
             logits = self.backend.head(sel[start:start + self.head_chunk]).float()
+            self._check_finite(logits)
             logp = F.log_softmax(logits, dim=-1)
             mine = (rows_idx_t >= start) & (rows_idx_t < start + self.head_chunk)
             local, tk = rows_idx_t[mine] - start, toks_t[mine]
@@ -328,17 +409,25 @@ class Runner:
         for idx, req in enumerate(requests):
             pre, body = self.encode_context(req.context, req.shared_prefix)
             if len(pre) + len(body) + req.max_tokens > self.max_length:
-                raise ValueError(f"generation request {idx}: {len(pre) + len(body)} prompt tokens + max_tokens="
-                                 f"{req.max_tokens} exceed the maximum length {self.max_length}")
+                raise TooLong(idx, f"{len(pre) + len(body)} prompt tokens + max_tokens={req.max_tokens} exceed the "
+                                   f"maximum length {self.max_length}")
             encoded.append((pre, body))
-        groups = self._group([(pre, body, req.max_tokens, idx)
-                              for idx, ((pre, body), req) in enumerate(zip(encoded, requests))])
+        keys = [self._cache_key("generate", pre + body, req.stop, req.max_tokens, req.temperature, req.top_k,
+                                req.top_p, req.seed) for (pre, body), req in zip(encoded, requests)]
         results: list[GenerationResult | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc="generate_until", unit="req", disable=not self.progress)
-        for prefixes, batch, cache in self._batches_with_caches(groups):
-            outs = self._generate_batch([p for p, _ in batch], [requests[i] for _, i in batch], cache,
-                                        [len(p) for p in prefixes])
-            for (_, i), res in zip(batch, outs):
+        for i, value in self._cached(keys).items():
+            results[i] = GenerationResult(*value)
+        groups = self._group([(pre, body, req.max_tokens, idx) for idx, ((pre, body), req)
+                              in enumerate(zip(encoded, requests)) if results[idx] is None])
+        bar = tqdm(total=len(requests), initial=sum(r is not None for r in results), desc="generate_until",
+                   unit="req", disable=not self.progress)
+        def run(batch, cache, offsets):
+            return self._generate_batch([p for p, _ in batch], [requests[i] for _, i in batch], cache, offsets)
+
+        for batch, outs in self._execute(groups, run):
+            done = {i: res for (_, i), res in zip(batch, outs)}
+            self._store("generate", keys, {i: (r.text, r.tokens, r.finish) for i, r in done.items()})
+            for i, res in done.items():
                 results[i] = res
             bar.update(len(batch))
         bar.close()
@@ -364,6 +453,7 @@ class Runner:
         done: list[GenerationResult | None] = [None] * b
         while active:
             logits = be.head(h).float().cpu()
+            self._check_finite(logits)
             nxt = []
             for j, r in enumerate(active):
                 tok = _pick(logits[j], reqs[r], gens[r])

@@ -19,6 +19,7 @@ In every rule an item's exemplars depend on neither `limit` nor the other items.
 from __future__ import annotations
 
 import ast
+import difflib
 import hashlib
 import json
 import os
@@ -94,7 +95,9 @@ class _StrictLoader(yaml.SafeLoader):
 def load_spec(name: str) -> TaskSpec:
     path = TASKS_DIR / name / "task.yaml"
     if not path.exists():
-        raise TaskError(f"unknown task {name!r}; available tasks: {', '.join(available_tasks())}")
+        close = difflib.get_close_matches(name, available_tasks(), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise TaskError(f"unknown task {name!r}; {hint}available tasks: {', '.join(available_tasks())}")
     with open(path) as fh:
         raw = yaml.load(fh, Loader=_StrictLoader)
     for key in ("name", "version", "data", "fields", "fewshot", "kind", "metrics", "primary"):

@@ -85,6 +85,18 @@ def test_gguf_of_another_architecture(tmp_path):
         load_gguf(p)
 
 
+def test_gguf_quant_type_we_cannot_decode(tmp_path, monkeypatch):
+    from evalsuite.model import weights
+    cfg = tiny_config("gemma3")
+    p = tmp_path / "q.gguf"
+    write_gguf(random_hf_model(cfg), cfg, p, quant="Q8_0")
+    # Which types are decodable is one list; take Q8_0 off it to see the message a user of, say, an
+    # IQ2 file gets.
+    monkeypatch.setattr(weights, "SUPPORTED_GGUF_TYPES", tuple(t for t in weights.SUPPORTED_GGUF_TYPES if t != "Q8_0"))
+    with pytest.raises(WeightsError, match=r"q.gguf: tensor '.*' has type Q8_0, which is not supported \(supported: F32"):
+        load_gguf(p)
+
+
 def test_missing_path_and_offline_hub(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match="does not exist"):
         resolve_source(str(tmp_path / "nowhere" / "x.gguf"))
@@ -104,7 +116,7 @@ def test_preset_mismatch_is_reported(folder):
 def test_bad_device_and_dtype():
     from evalsuite.model import resolve_device, resolve_dtype
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
     with pytest.raises(ValueError, match="float16 is not offered"):
         resolve_dtype("float16", torch.device("cpu"))

@@ -116,7 +116,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} was requested but CUDA is not available on this machine "
+        raise ValueError(f"device={device!r} was requested but CUDA is not available on this machine "
                            "(use device=cpu or device=auto)")
     return torch.device(device)
 

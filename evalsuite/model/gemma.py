@@ -297,10 +297,23 @@ class Gemma(nn.Module):
         rope = {GLOBAL: self._rope(positions, self.inv_freq_global, h.dtype)}
         if SLIDING in self.cfg.layer_types:
             rope[SLIDING] = self._rope(positions, self.inv_freq_local, h.dtype)
+        # Whether the embeddings and each layer's output are finite, kept on the device (no sync): read
+        # only when the logits turn out non-finite, to say where NaN/inf first appeared.
+        finite = [torch.isfinite(h).all()]
         for i, (block, kind) in enumerate(zip(self.layers, self.cfg.layer_types)):
             cos, sin = rope[kind]
             h = block(h, cos, sin, masks[kind], cache, i)
+            finite.append(torch.isfinite(h).all())
+        self.last_finite = torch.stack(finite)
         return h
+
+    def nonfinite_origin(self) -> str | None:
+        """Where the last `hidden` call first produced NaN/inf: 'the embeddings', 'layer i (kind)', or None."""
+        flags = getattr(self, "last_finite", None)
+        if flags is None or bool(flags.all()):
+            return None
+        first = int((~flags.cpu()).nonzero()[0])
+        return "the embeddings" if first == 0 else f"layer {first - 1} ({self.cfg.layer_types[first - 1]})"
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Output norm, tied head and final soft-cap for hidden states of any leading shape."""
