@@ -60,3 +60,16 @@ def gguf_270m() -> Path:
 def ours_270m(gguf_270m):
     from evalsuite.model import load_model
     return load_model(str(gguf_270m), preset="gemma3_270m")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_folder(tmp_path_factory, gemma2_tokenizer_json) -> Path:
+    """A tiny random Gemma 2 checkpoint with the real 256000-piece tokenizer. Window 7 is far shorter
+    than a few-shot prefix, so sliding layers cross the prefix boundary."""
+    from helpers import tiny_config, write_hf_checkpoint
+    cfg = tiny_config("gemma2", vocab_size=256000, hidden_size=32, intermediate_size=64, num_heads=2,
+                      num_kv_heads=1, head_dim=16, query_pre_attn_scalar=16, num_layers=3,
+                      max_position_embeddings=4096)
+    folder = tmp_path_factory.mktemp("tiny_gemma2")
+    write_hf_checkpoint(cfg, folder, seed=3, tokenizer_json=gemma2_tokenizer_json)
+    return folder

@@ -17,19 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evalsuite import cache as result_cache
-from helpers import tiny_config, write_hf_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, gemma2_tokenizer_json):
-    cfg = tiny_config("gemma2", vocab_size=256000, hidden_size=32, intermediate_size=64, num_heads=2,
-                      num_kv_heads=1, head_dim=16, query_pre_attn_scalar=16, num_layers=3,
-                      max_position_embeddings=4096)
-    folder = tmp_path_factory.mktemp("tiny_gemma2")
-    write_hf_checkpoint(cfg, folder, seed=3, tokenizer_json=gemma2_tokenizer_json)
-    return folder
+def tiny_folder(tiny_gemma2_folder):
+    return tiny_gemma2_folder
 
 
 def _args(folder, out, *extra):

@@ -6,25 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from evalsuite.backends import HFBackend
 from evalsuite.model import load_model
 from evalsuite.runner import Chat, Generation, Loglikelihood, Runner
-from helpers import tiny_config, write_hf_checkpoint
 
 FEWSHOT = "".join(f"Question: What is {i} plus {i}?\nAnswer: {2 * i}\n\n" for i in range(2, 7))
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, gemma2_tokenizer_json):
-    # Window 7 is far shorter than the few-shot prefix, so sliding layers cross the prefix boundary.
-    cfg = tiny_config("gemma2", vocab_size=256000, hidden_size=32, intermediate_size=64, num_heads=2,
-                      num_kv_heads=1, head_dim=16, query_pre_attn_scalar=16, num_layers=3,
-                      max_position_embeddings=4096)
-    folder = tmp_path_factory.mktemp("tiny_gemma2")
-    write_hf_checkpoint(cfg, folder, seed=3, tokenizer_json=gemma2_tokenizer_json)
-    return folder
+def tiny_folder(tiny_gemma2_folder):
+    return tiny_gemma2_folder
 
 
 @pytest.fixture(scope="module")

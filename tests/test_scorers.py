@@ -41,31 +41,22 @@ def test_generate_task_spec_builds_generation_requests():
     assert len({it.requests[0].context.rsplit("Question: ", 1)[0] for it in items}) == 1
 
 
-def test_unknown_scorer_is_a_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("spec, message", [
+    ("name: bad\nversion: 1\ndata: {file: gsm8k/test.jsonl.gz}\nfields: [question, answer]\nfewshot: {count: 0}\n"
+     "kind: generate\nprompt: 'Q'\ntarget: 'A'\ngeneration: {max_tokens: 4}\nscorer: gsm9k\n"
+     "metrics: [exact_match_strict]\nprimary: exact_match_strict\n", "scorer='gsm9k', expected one of .*gsm8k"),
+    ("name: bad\nversion: 1\ndata: {file: gsm8k/test.jsonl.gz}\nfields: [question]\nfewshot: {count: 0}\n"
+     "kind: multiple_choice\nprompt: 'Q'\nchoices: '[]'\ngold: '0'\nprompt: 'again'\nmetrics: [acc]\nprimary: acc\n",
+     "bad/task.yaml: line 10: field 'prompt' is given twice"),
+])
+def test_bad_task_spec_is_a_clear_error(tmp_path, monkeypatch, spec, message):
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "task.yaml").write_text(
-        "name: bad\nversion: 1\ndata: {file: gsm8k/test.jsonl.gz}\nfields: [question, answer]\nfewshot: {count: 0}\n"
-        "kind: generate\nprompt: 'Q'\ntarget: 'A'\ngeneration: {max_tokens: 4}\nscorer: gsm9k\n"
-        "metrics: [exact_match_strict]\nprimary: exact_match_strict\n")
+    (tmp_path / "bad" / "task.yaml").write_text(spec)
     monkeypatch.setattr(tasks, "TASKS_DIR", tmp_path)
     tasks.load_spec.cache_clear()
     try:
-        with pytest.raises(tasks.TaskError, match="scorer='gsm9k', expected one of .*gsm8k"):
+        with pytest.raises(tasks.TaskError, match=message):
             tasks.load_spec("bad")
-    finally:
-        tasks.load_spec.cache_clear()
-
-
-def test_a_field_given_twice_is_a_clear_error(tmp_path, monkeypatch):
-    (tmp_path / "twice").mkdir()
-    (tmp_path / "twice" / "task.yaml").write_text(
-        "name: twice\nversion: 1\ndata: {file: gsm8k/test.jsonl.gz}\nfields: [question]\nfewshot: {count: 0}\n"
-        "kind: multiple_choice\nprompt: 'Q'\nchoices: '[]'\ngold: '0'\nprompt: 'again'\nmetrics: [acc]\nprimary: acc\n")
-    monkeypatch.setattr(tasks, "TASKS_DIR", tmp_path)
-    tasks.load_spec.cache_clear()
-    try:
-        with pytest.raises(tasks.TaskError, match="twice/task.yaml: line 10: field 'prompt' is given twice"):
-            tasks.load_spec("twice")
     finally:
         tasks.load_spec.cache_clear()
 
