@@ -120,3 +120,5 @@ def test_bad_device_and_dtype():
             resolve_device("cuda")
     with pytest.raises(ValueError, match="float16 is not offered"):
         resolve_dtype("float16", torch.device("cpu"))
+    with pytest.warns(UserWarning, match="bfloat16 on CPU is much slower"):
+        assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
