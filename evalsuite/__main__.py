@@ -60,10 +60,10 @@ def error_message(e: BaseException) -> str:
 
 def run(cfg: DictConfig) -> None:
     from . import evaluate, tasks
+    from .cache import check_mode
     from .model import load_model
 
-    if cfg.cache not in ("off", "read", "write", "refresh"):
-        sys.exit(f"cache={cfg.cache!r}: expected off, read, write or refresh")
+    check_mode(cfg.cache)  # before the model is loaded
     if "tasks" not in cfg:
         sys.exit("no tasks given: add +tasks=NAME or +tasks=[A,B]; tasks: "
                  f"{', '.join(tasks.available_tasks())}; suites: {', '.join(evaluate.SUITES)}")

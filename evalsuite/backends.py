@@ -17,13 +17,13 @@ A backend gives the runner
 
 from __future__ import annotations
 
-import hashlib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .model import LoadedModel, resolve_device, resolve_dtype
+from .model import LoadedModel, resolve_device, resolve_dtype, sha256_of_files
 
 
 class OursBackend:
@@ -169,14 +169,13 @@ class HFBackend:
         cache.valid = cache.valid.index_select(0, rows)
         return cache
 
+    @functools.cached_property
+    def fingerprint(self) -> str | None:  # read at start (result cache) and end (results.json): hash once
+        return sha256_of_files(self._files) if self._files else None
+
     def describe(self) -> dict[str, Any]:
-        h = hashlib.sha256()
-        for f in self._files:
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(chunk)
         return {"backend": "hf", "source": self.ref, "family": self.model.config.model_type,
-                "fingerprint_sha256": h.hexdigest() if self._files else None,
+                "fingerprint_sha256": self.fingerprint,
                 "weight_files": [str(f) for f in self._files], "tokenizer": self.tokenizer.kind,
                 "dtype": str(self.model.dtype), "device": str(self.device)}
 

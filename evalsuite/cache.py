@@ -31,6 +31,11 @@ from typing import Any
 import torch
 
 MODES = ("off", "read", "write", "refresh")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"cache={mode!r}: expected one of {', '.join(MODES)}")
 _PACKAGE = Path(__file__).resolve().parent
 # The code whose change can change a result: the network, weight loading, tokenizer, the runner.
 CODE_FILES = sorted([*(_PACKAGE / "model").glob("*.py"), _PACKAGE / "runner.py", _PACKAGE / "backends.py"])
@@ -58,8 +63,7 @@ def model_key(described: dict[str, Any]) -> dict[str, Any]:
 
 class ResultCache:
     def __init__(self, folder: str | Path, mode: str, model: dict[str, Any], rank: int | None = None):
-        if mode not in MODES:
-            raise ValueError(f"cache={mode!r}: expected one of {', '.join(MODES)}")
+        check_mode(mode)
         if not model.get("fingerprint_sha256"):
             raise ValueError("the result cache needs the weights' fingerprint; the model has none (run with cache=off)")
         self.folder, self.mode = Path(folder), mode

@@ -174,10 +174,12 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
         built[name] = (spec, *tasks.build_items(spec, num_fewshot, limit, seed, data_source, chat=chat,
                                                 sampler=fewshot_sampler))
     # All tasks' requests are pooled, per request type, so batching and sharing work across tasks.
-    ll_requests = [r for spec, items, _ in built.values() if spec["kind"] != "generate" for it in items
-                   for r in it.requests]
-    gen_requests = [r for name, (spec, items, _) in built.items() if spec["kind"] == "generate" for it in items
-                    for r in sampling.requests(it.requests[0], name, it.index, seed)]
+    # (task, item) of every request, to name the item when a request is refused
+    ll_owned = [((name, it.index), r) for name, (spec, items, _) in built.items() if spec["kind"] != "generate"
+                for it in items for r in it.requests]
+    gen_owned = [((name, it.index), r) for name, (spec, items, _) in built.items() if spec["kind"] == "generate"
+                 for it in items for r in sampling.requests(it.requests[0], name, it.index, seed)]
+    ll_requests, gen_requests = [r for _, r in ll_owned], [r for _, r in gen_owned]
     runner = Runner(backend, batch_size=batch_size, token_budget=token_budget, progress=progress,
                     share_prefix=share_prefix, cache=result_cache)
     t0 = time.perf_counter()
@@ -186,14 +188,13 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
         ll_results = runner.loglikelihood(ll_requests) if ll_requests else []
         gen_results = runner.generate_until(gen_requests) if gen_requests else []
     except TooLong as e:  # name the task and item, not the runner's request number
-        generating = ll_results is not None
-        owners = [(name, it.index) for name, (spec, items, _) in built.items()
-                  if (spec["kind"] == "generate") == generating for it in items
-                  for _ in (range(sampling.n) if generating else it.requests)]
-        name, index = owners[e.index]
+        (name, index), _ = (gen_owned if ll_results is not None else ll_owned)[e.index]
         raise ValueError(f"task {name!r}, item {index}: the prompt {e.what} (model.max_position_embeddings). "
                          "evalsuite does not truncate prompts (a cut prompt is not the benchmark's question): "
                          "lower num_fewshot or use a model with a longer context") from None
+    finally:
+        if result_cache is not None:
+            result_cache.close()
     score_seconds = time.perf_counter() - t0
     # Code tasks: every sample's program runs in the sandbox, all tasks' programs in one parallel pool.
     programs, g = {}, 0

@@ -421,6 +421,7 @@ class Runner:
                               in enumerate(zip(encoded, requests)) if results[idx] is None])
         bar = tqdm(total=len(requests), initial=sum(r is not None for r in results), desc="generate_until",
                    unit="req", disable=not self.progress)
+
         def run(batch, cache, offsets):
             return self._generate_batch([p for p, _ in batch], [requests[i] for _, i in batch], cache, offsets)
 

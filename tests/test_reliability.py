@@ -201,7 +201,7 @@ def test_bad_inputs_name_the_culprit(tiny_folder, tmp_path, capsys):
         code, err = _handle(["+tasks=arc_e", *model, "device=cuda"], capsys)
         assert code == 2 and "device='cuda' was requested but CUDA is not available" in err
     code, err = _handle(["+tasks=arc_e", *model, "cache=sometimes"], capsys)
-    assert "cache='sometimes': expected off, read, write or refresh" in (err or str(code))
+    assert code == 2 and "cache='sometimes': expected one of off, read, write, refresh" in err
 
 
 def test_a_prompt_longer_than_the_context_is_refused_naming_the_item(tiny_folder, tmp_path, capsys):

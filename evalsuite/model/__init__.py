@@ -43,6 +43,16 @@ _ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num
                 "rope_theta", "rope_local_theta", "rope_scaling_factor", "attn_logit_softcap", "final_logit_softcap")
 
 
+def sha256_of_files(files: list[Path]) -> str:
+    """sha256 over the files' bytes, in order (the weights fingerprint)."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 @dataclass
 class LoadedModel:
     model: Gemma
@@ -59,12 +69,7 @@ class LoadedModel:
     def fingerprint(self) -> str:
         """sha256 over the weight files' bytes, in order: identifies the exact weights scored."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for f in self.weight_files:
-                with open(f, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 24), b""):
-                        h.update(chunk)
-            self._fingerprint = h.hexdigest()
+            self._fingerprint = sha256_of_files(self.weight_files)
         return self._fingerprint
 
     @torch.inference_mode()

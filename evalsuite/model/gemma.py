@@ -206,6 +206,7 @@ class Gemma(nn.Module):
         self.register_buffer("inv_freq_global", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor),
                              persistent=False)
         self.register_buffer("inv_freq_local", rope_inv_freq(cfg.head_dim, cfg.rope_local_theta), persistent=False)
+        self.last_finite: torch.Tensor | None = None  # see hidden() and nonfinite_origin()
 
     @property
     def device(self) -> torch.device:
@@ -309,7 +310,7 @@ class Gemma(nn.Module):
 
     def nonfinite_origin(self) -> str | None:
         """Where the last `hidden` call first produced NaN/inf: 'the embeddings', 'layer i (kind)', or None."""
-        flags = getattr(self, "last_finite", None)
+        flags = self.last_finite
         if flags is None or bool(flags.all()):
             return None
         first = int((~flags.cpu()).nonzero()[0])
