@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 from pathlib import Path
 
@@ -31,8 +32,12 @@ def handle(cfg: DictConfig) -> None:
     except Exception as e:  # noqa: BLE001 -- the one place that turns errors into messages
         if cfg.get("debug"):
             raise
-        print(error_message(e), file=sys.stderr)
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(rank + error_message(e), file=sys.stderr)
         sys.exit(2)
+    finally:
+        from .distributed import close
+        close()
 
 
 def cache_dir(cfg: DictConfig) -> Path:
@@ -59,7 +64,7 @@ def error_message(e: BaseException) -> str:
 
 
 def run(cfg: DictConfig) -> None:
-    from . import evaluate, tasks
+    from . import distributed, evaluate, tasks
     from .cache import check_mode
     from .model import load_model
 
@@ -80,21 +85,28 @@ def run(cfg: DictConfig) -> None:
         sampling = evaluate.Sampling(**cfg.generation)
     except (TypeError, ValueError) as e:
         sys.exit(f"generation: {e}" if isinstance(e, TypeError) else str(e))
+    world = distributed.init(cfg.device, cfg.dist_timeout_minutes)  # a world of one without torchrun
+    device = cfg.device
+    if world.size > 1 and device in ("cuda", "auto") and torch.cuda.is_available():
+        device = f"cuda:{world.local_rank}"  # one GPU per rank
     backend = cfg.model.get("backend", "ours")
     if backend == "ours":
-        model = load_model(cfg.model.path, device=cfg.device, dtype=cfg.dtype, preset=cfg.model.get("preset"))
+        model = load_model(cfg.model.path, device=device, dtype=cfg.dtype, preset=cfg.model.get("preset"))
     elif backend == "hf":
         from .backends import HFBackend
-        model = HFBackend(cfg.model.path, device=cfg.device, dtype=cfg.dtype)
+        model = HFBackend(cfg.model.path, device=device, dtype=cfg.dtype)
     else:
         sys.exit(f"model.backend={backend!r}: expected 'ours' (our Gemma network) or 'hf' (transformers)")
-    run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.model.get('preset') or 'model'}"
+    run_id = world.broadcast(dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.model.get('preset') or 'model'}")
     out_dir = Path(cfg.output_dir) / run_id
     res = evaluate.run(model, task_names, out_dir, limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=cfg.seed,
                        batch_size=cfg.batch_size, token_budget=cfg.token_budget, data_source=cfg.data.source,
                        progress=cfg.progress, chat=cfg.chat, fewshot_sampler=cfg.fewshot_sampler,
                        share_prefix=cfg.share_prefix, sampling=sampling, execution=execution, skipped=skipped,
-                       config=OmegaConf.to_container(cfg, resolve=True), cache=cfg.cache, cache_dir=cache_dir(cfg))
+                       config=OmegaConf.to_container(cfg, resolve=True), cache=cfg.cache, cache_dir=cache_dir(cfg),
+                       world=world)
+    if world.rank != 0:  # rank 0 writes and prints the results of all ranks
+        return
     print(evaluate.summary_markdown(res))
     c = res["cache"]
     if c["mode"] != "off":

@@ -15,6 +15,7 @@ from typing import Any
 from . import metrics, scorers, tasks
 from .backends import as_backend
 from .cache import ResultCache, model_key
+from .distributed import World, fingerprint
 from .execution import SANDBOXES, Limits, SandboxError, interpreter, require_sandbox, run_all
 from .runner import Generation, Runner, TooLong
 
@@ -154,16 +155,19 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
         batch_size=16, token_budget=16384, data_source="local", progress=True, chat=False, fewshot_sampler=None,
         share_prefix=True, sampling: Sampling = Sampling(), execution: dict | None = None,
         skipped: dict[str, str] | None = None, config: dict | None = None, cache: str = "off",
-        cache_dir: str | Path | None = None) -> dict:
+        cache_dir: str | Path | None = None, world: World = World()) -> dict:
     """model: a LoadedModel (our network) or a backend from evalsuite.backends.
-    cache: off | read | write | refresh (see evalsuite.cache), in cache_dir (default out_dir/cache)."""
+    cache: off | read | write | refresh (see evalsuite.cache), in cache_dir (default out_dir/cache).
+    world: the torchrun ranks sharing the work (evalsuite.distributed); every rank calls run() with the
+    same arguments, rank 0 scores, writes the files and returns the results, the others return {}."""
     backend = as_backend(model)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ".write-test").touch()
-        (out_dir / ".write-test").unlink()
-    except OSError as e:
-        raise ValueError(f"output_dir: cannot write results to {out_dir} ({e.strerror or e})") from None
+    if world.rank == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / ".write-test").touch()
+            (out_dir / ".write-test").unlink()
+        except OSError as e:
+            raise ValueError(f"output_dir: cannot write results to {out_dir} ({e.strerror or e})") from None
     result_cache = None
     if cache != "off":
         result_cache = ResultCache(cache_dir or out_dir / "cache", cache, model_key(backend.describe()))
@@ -173,6 +177,12 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
         spec = tasks.load_spec(name)
         built[name] = (spec, *tasks.build_items(spec, num_fewshot, limit, seed, data_source, chat=chat,
                                                 sampler=fewshot_sampler))
+    if world.size > 1:  # merging the shares of ranks that evaluate different things would be silently wrong
+        world.agree({"config": fingerprint(config or {}),
+                     **{f"model.{k}": fingerprint(v) for k, v in model_key(backend.describe()).items()},
+                     **{f"task {name}": fingerprint([prov["data_sha256"], prov["fewshot_sha256"],
+                                                     [(it.index, it.requests, it.gold) for it in items]])
+                        for name, (spec, items, prov) in built.items()}})
     # All tasks' requests are pooled, per request type, so batching and sharing work across tasks.
     # (task, item) of every request, to name the item when a request is refused
     ll_owned = [((name, it.index), r) for name, (spec, items, _) in built.items() if spec["kind"] != "generate"
@@ -181,7 +191,7 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
                  for it in items for r in sampling.requests(it.requests[0], name, it.index, seed)]
     ll_requests, gen_requests = [r for _, r in ll_owned], [r for _, r in gen_owned]
     runner = Runner(backend, batch_size=batch_size, token_budget=token_budget, progress=progress,
-                    share_prefix=share_prefix, cache=result_cache)
+                    share_prefix=share_prefix, cache=result_cache, world=world)
     t0 = time.perf_counter()
     ll_results = None
     try:
@@ -196,6 +206,12 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
         if result_cache is not None:
             result_cache.close()
     score_seconds = time.perf_counter() - t0
+    counts = ("from_cache", "computed", "oom_splits", "tokens_scored", "tokens_forwarded", "tokens_generated")
+    per_rank = world.all_gather({"scoring_seconds": score_seconds, "gather_seconds": runner.gather_seconds,
+                                 **{c: getattr(runner, c) for c in counts}})
+    if world.rank != 0:
+        return {}
+    total = {c: sum(r[c] for r in per_rank) for c in counts}
     # Code tasks: every sample's program runs in the sandbox, all tasks' programs in one parallel pool.
     programs, g = {}, 0
     for name, (spec, items, _) in built.items():
@@ -287,13 +303,15 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
         "config": config or {}, "model": backend.describe(),
         "tasks": report, "skipped_tasks": skipped or {},
         "timing": {"wall_seconds": time.perf_counter() - t_start, "scoring_seconds": score_seconds,
-                   "requests": len(ll_requests) + len(gen_requests), "tokens_scored": runner.tokens_scored,
-                   "tokens_forwarded": runner.tokens_forwarded, "tokens_generated": runner.tokens_generated,
-                   "tokens_per_second": runner.tokens_forwarded / score_seconds if score_seconds else None,
-                   "oom_splits": runner.oom_splits},  # batches halved after running out of memory
+                   "requests": len(ll_requests) + len(gen_requests), "tokens_scored": total["tokens_scored"],
+                   "tokens_forwarded": total["tokens_forwarded"], "tokens_generated": total["tokens_generated"],
+                   "tokens_per_second": total["tokens_forwarded"] / score_seconds if score_seconds else None,
+                   "oom_splits": total["oom_splits"]},  # batches halved after running out of memory
         "cache": {"mode": cache, "dir": str(result_cache.folder) if result_cache else None,
-                  "requests_from_cache": runner.from_cache, "requests_computed": runner.computed},
+                  "requests_from_cache": total["from_cache"], "requests_computed": total["computed"]},
     }
+    if world.size > 1:  # each rank's share, to see the balance
+        out["distributed"] = {"world_size": world.size, "ranks": per_rank}
     (out_dir / "results.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
     (out_dir / "summary.md").write_text(summary_markdown(out))
     try:  # the results are on disk already; a report that cannot be drawn must not lose them

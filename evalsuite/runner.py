@@ -18,10 +18,17 @@ Execution of log-likelihoods (backends with packing, i.e. ours):
   * the vocabulary-sized head runs only at positions that predict a continuation token, in chunks.
 Backends without packing (transformers) get one plain causal row per request.
 Results always come back in input order.
+
+Under torchrun (world.size > 1) every rank encodes all requests, takes its share of the rows (cut in
+contiguous runs of equal cost, see distributed.shard: tokens through the network, a scored or
+generated token also weighing the vocabulary head's share), looks its share up in the result cache,
+computes the rest and all ranks gather every result. The shares depend on the requests only, never on
+what the cache holds, so the ranks always agree on who computes what.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -30,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .backends import as_backend
+from .distributed import World, shard
 
 
 @dataclass(frozen=True)
@@ -99,8 +107,10 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
 
 class Runner:
     def __init__(self, model, batch_size: int = 16, token_budget: int = 16384, head_chunk: int = 512,
-                 progress: bool = True, share_prefix: bool = True, max_length: int = 8192, cache=None):
+                 progress: bool = True, share_prefix: bool = True, max_length: int = 8192, cache=None,
+                 world: World = World()):
         self.backend = as_backend(model)
+        self.world = world
         self.cache = cache  # a ResultCache, or None
         self.from_cache = 0  # requests answered by the cache
         self.computed = 0  # requests computed here
@@ -111,6 +121,7 @@ class Runner:
         self.tokens_scored = 0  # continuation tokens scored
         self.tokens_forwarded = 0  # real (non-padding) tokens through the network
         self.tokens_generated = 0
+        self.gather_seconds = 0.0  # torchrun: time spent waiting for the other ranks' results
         self._enc: dict[tuple[str, bool], tuple[int, ...]] = {}
 
     # ---- tokenization -------------------------------------------------------------------------
@@ -162,14 +173,19 @@ class Runner:
                                    f"length {self.max_length}")
             encoded.append((pre, body, cont))
         keys = [self._cache_key("loglikelihood", pre + body, cont) for pre, body, cont in encoded]
-        scored = self._cached(keys)
         rows: dict[tuple, list] = {}
         for idx, (pre, body, cont) in enumerate(encoded):
-            if idx not in scored:
-                key = (pre, body) if self.backend.packing else (pre, body, idx)
-                rows.setdefault(key, []).append((idx, cont))
-        scored.update(self._score([(k[0], k[1], conts) for k, conts in rows.items()], "loglikelihood",
+            key = (pre, body) if self.backend.packing else (pre, body, idx)
+            rows.setdefault(key, []).append((idx, cont))
+        uses = Counter(k[0] for k in rows)
+        # a row's cost: its share of the prefix, its tokens, and the vocabulary head at each scored one
+        mine = self._share(list(rows.items()), lambda row: len(row[0][0]) / uses[row[0][0]] + len(row[0][1]) + sum(
+            (1 + self.backend.head_cost) * len(c) for _, c in row[1]))
+        scored = self._cached({i: keys[i] for _, conts in mine for i, _ in conts})
+        todo = [(k[0], k[1], [(i, c) for i, c in conts if i not in scored]) for k, conts in mine]
+        scored.update(self._score([row for row in todo if row[2]], "loglikelihood",
                                   lambda out: self._store("loglikelihood", keys, out)))
+        scored = self._gather(scored)
         return [LoglikelihoodResult(*scored[i]) for i in range(len(requests))]
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[LoglikelihoodResult]:
@@ -182,11 +198,12 @@ class Runner:
             for a in range(1, len(seq), win - 1):
                 b = min(a + win - 1, len(seq))
                 windows.append(((idx, a), seq[max(0, b - win):a], seq[a:b]))
+        windows = self._share(windows, lambda w: len(w[1]) + (1 + self.backend.head_cost) * len(w[2]))
         keys = {w: self._cache_key("rolling", ctx, target) for w, ctx, target in windows}
-        cached = self._cached(list(keys.values()))
-        scored = {w: cached[i] for i, w in enumerate(keys) if i in cached}
+        scored = self._cached(keys)
         rows = [((), ctx, [(w, list(target))]) for w, ctx, target in windows if w not in scored]
         scored.update(self._score(rows, "loglikelihood_rolling", lambda out: self._store("rolling", keys, out)))
+        scored = self._gather(scored)
         out = []
         for idx in range(len(texts)):
             parts = [v for (i, _), v in scored.items() if i == idx]
@@ -208,14 +225,36 @@ class Runner:
     def _cache_key(self, kind: str, *request) -> str | None:
         return self.cache.key(kind, request) if self.cache is not None else None
 
-    def _cached(self, keys: list) -> dict:
-        """{position in keys: cached value} for the keys the cache holds."""
+    def _cached(self, keys: dict) -> dict:
+        """{request: cached value} for the requests (keys: request -> cache key) the cache holds."""
         if self.cache is None:
             return {}
-        found = self.cache.get_many(list(dict.fromkeys(keys)))
-        hits = {i: tuple(found[k]) for i, k in enumerate(keys) if k in found}
+        found = self.cache.get_many(list(dict.fromkeys(keys.values())))
+        hits = {r: tuple(found[k]) for r, k in keys.items() if k in found}
         self.from_cache += len(hits)
         return hits
+
+    # ---- ranks (torchrun) ----------------------------------------------------------------------
+    def _share(self, units: list, cost) -> list:
+        """The units this rank computes: all of them in a single process."""
+        if self.world.size == 1:
+            return units
+        ranks = shard([cost(u) for u in units], self.world.size)
+        return [u for u, r in zip(units, ranks) if r == self.world.rank]
+
+    def _gather(self, done: dict) -> dict:
+        """Every rank's results merged (each request was computed by exactly one rank)."""
+        if self.world.size == 1:
+            return done
+        t0 = time.perf_counter()
+        merged: dict = {}
+        for part in self.world.all_gather(done):
+            merged.update(part)
+        self.gather_seconds += time.perf_counter() - t0
+        return merged
+
+    def _desc(self, what: str) -> str:
+        return what if self.world.size == 1 else f"{what} [rank {self.world.rank}/{self.world.size}]"
 
     def _store(self, kind: str, keys, out: dict) -> None:
         """Commit one batch's results (out: {request: value}; keys: request -> cache key)."""
@@ -229,7 +268,7 @@ class Runner:
         store(batch results) is called after every batch."""
         groups = self._group([(pre, body, sum(len(c) for _, c in conts), conts) for pre, body, conts in rows])
         out: dict = {}
-        bar = tqdm(total=sum(len(c) for _, _, c in rows), desc=desc, unit="req", disable=not self.progress)
+        bar = tqdm(total=sum(len(c) for _, _, c in rows), desc=self._desc(desc), unit="req", disable=not self.progress)
         for batch, done in self._execute(groups, self._run_batch):
             if store is not None:
                 store(done)
@@ -414,13 +453,14 @@ class Runner:
             encoded.append((pre, body))
         keys = [self._cache_key("generate", pre + body, req.stop, req.max_tokens, req.temperature, req.top_k,
                                 req.top_p, req.seed) for (pre, body), req in zip(encoded, requests)]
-        results: list[GenerationResult | None] = [None] * len(requests)
-        for i, value in self._cached(keys).items():
-            results[i] = GenerationResult(*value)
-        groups = self._group([(pre, body, req.max_tokens, idx) for idx, ((pre, body), req)
-                              in enumerate(zip(encoded, requests)) if results[idx] is None])
-        bar = tqdm(total=len(requests), initial=sum(r is not None for r in results), desc="generate_until",
-                   unit="req", disable=not self.progress)
+        uses = Counter(pre for pre, _ in encoded)
+        mine = self._share(list(range(len(requests))), lambda i: len(encoded[i][0]) / uses[encoded[i][0]] + len(
+            encoded[i][1]) + (1 + self.backend.head_cost) * requests[i].max_tokens)
+        results: dict[int, GenerationResult] = {i: GenerationResult(*v)
+                                                for i, v in self._cached({i: keys[i] for i in mine}).items()}
+        groups = self._group([(*encoded[idx], requests[idx].max_tokens, idx) for idx in mine if idx not in results])
+        bar = tqdm(total=len(mine), initial=len(results), desc=self._desc("generate_until"), unit="req",
+                   disable=not self.progress)
 
         def run(batch, cache, offsets):
             return self._generate_batch([p for p, _ in batch], [requests[i] for _, i in batch], cache, offsets)
@@ -428,11 +468,11 @@ class Runner:
         for batch, outs in self._execute(groups, run):
             done = {i: res for (_, i), res in zip(batch, outs)}
             self._store("generate", keys, {i: (r.text, r.tokens, r.finish) for i, r in done.items()})
-            for i, res in done.items():
-                results[i] = res
+            results.update(done)
             bar.update(len(batch))
         bar.close()
-        return results  # type: ignore[return-value]
+        results = self._gather(results)
+        return [results[i] for i in range(len(requests))]
 
     def _generate_batch(self, prompts, reqs, cache, offsets: list[int]) -> list[GenerationResult]:
         """cache: the rows' prefixes (offsets[r] tokens each) or None; prompts continue after them."""

@@ -172,7 +172,6 @@ def test_gguf_loads_to_the_same_logits_as_its_hf_twin(tmp_path, family, quant):
     ids = _ids(2, 30, cfg.vocab_size, seed=11)
     # GGUF does not store the attention scale or (for Gemma 3) the layer pattern; llama.cpp's rules
     # give 1/sqrt(head_dim) and every 6th layer global, so the twin is run with those.
-    import transformers
     twin_cfg = cfg.replace(query_pre_attn_scalar=cfg.head_dim, layer_types=ours.cfg.layer_types,
                            rope_scaling_factor=ours.cfg.rope_scaling_factor)
     twin = random_hf_model(twin_cfg, seed=10)
