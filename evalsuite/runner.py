@@ -33,7 +33,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .backends import as_backend
@@ -106,7 +105,7 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
 
 
 class Runner:
-    def __init__(self, model, batch_size: int = 16, token_budget: int = 16384, head_chunk: int = 512,
+    def __init__(self, model, batch_size: int = 16, token_budget: int = 16384, head_chunk: int = 256,
                  progress: bool = True, share_prefix: bool = True, max_length: int = 8192, cache=None,
                  world: World = World()):
         self.backend = as_backend(model)
@@ -419,15 +418,17 @@ class Runner:
         lp_all = torch.empty(len(toks), dtype=torch.float32, device=dev)
         greedy_all = torch.empty(len(toks), dtype=torch.bool, device=dev)
         # The head runs once per selected position (the context's last position is shared by all
-        # choices), in chunks to bound the (chunk, vocab) fp32 logits.
+        # choices), in chunks to bound the (chunk, vocab) fp32 logits. Only two passes over the
+        # logits (logsumexp, max); log p(token) = logit - logsumexp, greedy = logit equals the max.
         for start in range(0, sel.shape[0], self.head_chunk):
             logits = self.backend.head(sel[start:start + self.head_chunk]).float()
-            self._check_finite(logits)
-            logp = F.log_softmax(logits, dim=-1)
+            lse, top = torch.logsumexp(logits, dim=-1), logits.amax(dim=-1)
+            self._check_finite(lse)  # NaN or +inf anywhere in a row makes its logsumexp non-finite
             mine = (rows_idx_t >= start) & (rows_idx_t < start + self.head_chunk)
             local, tk = rows_idx_t[mine] - start, toks_t[mine]
-            lp_all[mine] = logp[local, tk]
-            greedy_all[mine] = logits[local].argmax(-1) == tk
+            picked = logits[local, tk]
+            lp_all[mine] = picked - lse[local]
+            greedy_all[mine] = picked >= top[local]
         lp_all, greedy_all = lp_all.cpu(), greedy_all.cpu()
         self.tokens_forwarded += int(valid.sum())
         self.tokens_scored += len(toks)

@@ -124,3 +124,16 @@ def write_gguf(hf_model, cfg: C.GemmaConfig, path: Path, quant: str = "F32") -> 
 
 def save_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2))
+
+
+def cache_rows(cache_dir) -> dict[str, int]:
+    """Rows in each rank's result-cache file (0 for a file whose table is not created yet)."""
+    import sqlite3
+    out = {}
+    for f in sorted(Path(cache_dir).glob("rank*.sqlite")):
+        try:
+            with sqlite3.connect(f) as db:
+                out[f.stem] = db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        except sqlite3.OperationalError:
+            out[f.stem] = 0
+    return out

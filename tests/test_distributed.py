@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 from evalsuite.distributed import World, shard
+from helpers import cache_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,17 +117,6 @@ def test_two_torchrun_ranks_give_the_results_of_one_process(tmp_path):
     assert two[0]["timing"]["tokens_generated"] == one[0]["timing"]["tokens_generated"]
 
 
-def _rows(cache_dir: Path) -> dict[str, int]:
-    out = {}
-    for f in sorted(cache_dir.glob("rank*.sqlite")):
-        try:
-            with sqlite3.connect(f) as db:
-                out[f.stem] = db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-        except sqlite3.OperationalError:  # the file exists, its table not yet
-            out[f.stem] = 0
-    return out
-
-
 def _pid_of_rank(rank: int, tag: str) -> int | None:
     for proc in Path("/proc").iterdir():
         try:
@@ -151,13 +140,13 @@ def test_a_run_that_lost_a_rank_resumes_from_the_cache(tiny_gemma2_folder, tmp_p
     job = subprocess.Popen(_torchrun(2, *args, f"output_dir={out}"), cwd=tmp_path, env=_env(EVALSUITE_TEST_TAG=tag),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and job.poll() is None and _rows(out / "cache").get("rank1", 0) < 4:
+    while time.time() < deadline and job.poll() is None and cache_rows(out / "cache").get("rank1", 0) < 4:
         time.sleep(0.01)
     pid = _pid_of_rank(1, tag)
     assert job.poll() is None and pid, "the job ended before rank 1 could be killed"
     os.kill(pid, signal.SIGKILL)
     assert job.wait(timeout=120) != 0  # torchrun stops the other rank and fails
-    kept = sum(_rows(out / "cache").values())
+    kept = sum(cache_rows(out / "cache").values())
     assert 4 <= kept < total and not list(out.glob("*/results.json"))
 
     # Resumed by one process (the world size may change): the cache holds both ranks' files.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evalsuite import cache as result_cache
+from helpers import cache_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,11 +50,7 @@ def _run_dir(out: Path) -> Path:
 
 
 def _rows(cache_dir: Path) -> int:
-    n = 0
-    for f in cache_dir.glob("rank*.sqlite"):
-        with sqlite3.connect(f) as db:
-            n += db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-    return n
+    return sum(cache_rows(cache_dir).values())
 
 
 def _results(run: Path):

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import config as C
 from .config import ConfigError, GemmaConfig, PRESETS
@@ -89,9 +88,11 @@ class LoadedModel:
             # Right padding: positions are 0..len-1 for every row, exactly as unpadded.
             ids, valid, scored = ids.to(self.device), valid.to(self.device), scored.to(self.device)
             logits = self.model(ids, valid=valid, logits_at=scored)
-            logp = F.log_softmax(logits.float(), dim=-1)
+            logits = logits.float()
             targets = ids[:, 1:][scored[:, :-1]]
-            picked = logp.gather(-1, targets[:, None])[:, 0].cpu()
+            # logit - logsumexp, as the runner does: over a 262k vocabulary in fp32 this is ~10x more
+            # accurate than log_softmax
+            picked = (logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).cpu()
             for s in chunk:
                 n = len(s) - 1
                 out.append(picked[:n])
