@@ -3,12 +3,14 @@ stop; a run that lost a rank resumes from the result cache."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch.multiprocessing as mp
@@ -32,7 +34,8 @@ def test_shard_cuts_contiguous_runs_of_equal_cost():
 
 def _agree(rank: int, init_file: str, facts: list[dict], errors):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))  # a stuck group fails the test
     try:
         World(rank, 2).agree(facts[rank])
         errors.put((rank, None))
@@ -45,7 +48,9 @@ def _agree(rank: int, init_file: str, facts: list[dict], errors):
 def _agree_on_two_ranks(tmp_path, facts):
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    mp.start_processes(_agree, args=(str(tmp_path / "init"), facts, errors), nprocs=2, start_method="spawn")
+    # a new rendezvous file per group: a file left by the previous group could be read by the next
+    init = tmp_path / f"init-{uuid.uuid4().hex}"
+    mp.start_processes(_agree, args=(str(init), facts, errors), nprocs=2, start_method="spawn")
     return dict(errors.get() for _ in range(2))
 
 
