@@ -162,13 +162,13 @@ def run_lm_eval(args, sizes: dict[str, int]) -> dict:
            "tasks": {}}
     manager = TaskManager(include_path=str(args.out / "lm_eval_tasks"))
     for task in sizes:
+        items = {it.index: it for it in select(task, sizes[task])}  # for scoring, outside the timing
         name = f"evalsuite_{task}"
         t0 = time.perf_counter()
         res = simple_evaluate(model=lm, tasks=[name], task_manager=manager, log_samples=True)
         seconds = time.perf_counter() - t0
         samples = sorted(res["samples"][name], key=lambda s: s["doc"]["index"])
         if task == "gsm8k":
-            docs = {it.index: it.doc for it in select(task, sizes[task])}
             recs, seen = [], set()
             for s in samples:
                 if s["doc"]["index"] in seen:  # one record per answer filter; the generation is the same
@@ -176,14 +176,13 @@ def run_lm_eval(args, sizes: dict[str, int]) -> dict:
                 seen.add(s["doc"]["index"])
                 text = s["resps"][0][0]
                 recs.append({"index": s["doc"]["index"], "generation": text,
-                             "scores": scorers.SCORERS["gsm8k"](text, docs[s["doc"]["index"]])})
+                             "scores": scorers.SCORERS["gsm8k"](text, items[s["doc"]["index"]].doc)})
         else:
-            choices = {it.index: it.choices for it in select(task, sizes[task])}
             recs = []
             for s in samples:
                 lps = [float(r[0]) for r in s["filtered_resps"]]
                 recs.append({"index": s["doc"]["index"], "logprobs": lps, "gold": s["doc"]["gold"],
-                             "predictions": metrics.choice_predictions(lps, choices[s["doc"]["index"]])})
+                             "predictions": metrics.choice_predictions(lps, items[s["doc"]["index"]].choices)})
         out["tasks"][task] = {"seconds": seconds, "items": recs,
                               "reported": {k: v for k, v in res["results"][name].items() if isinstance(v, float)}}
     out["peak_rss_mb"] = peak_rss_mb()

@@ -168,9 +168,10 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
             (out_dir / ".write-test").unlink()
         except OSError as e:
             raise ValueError(f"output_dir: cannot write results to {out_dir} ({e.strerror or e})") from None
+    key = model_key(backend.describe()) if cache != "off" or world.size > 1 else None  # hashes the code
     result_cache = None
     if cache != "off":
-        result_cache = ResultCache(cache_dir or out_dir / "cache", cache, model_key(backend.describe()))
+        result_cache = ResultCache(cache_dir or out_dir / "cache", cache, key)
     t_start = time.perf_counter()
     built = {}
     for name in task_names:
@@ -179,7 +180,7 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
                                                 sampler=fewshot_sampler))
     if world.size > 1:  # merging the shares of ranks that evaluate different things would be silently wrong
         world.agree({"config": fingerprint(config or {}),
-                     **{f"model.{k}": fingerprint(v) for k, v in model_key(backend.describe()).items()},
+                     **{f"model.{k}": fingerprint(v) for k, v in key.items()},
                      **{f"task {name}": fingerprint([prov["data_sha256"], prov["fewshot_sha256"],
                                                      [(it.index, it.requests, it.gold) for it in items]])
                         for name, (spec, items, prov) in built.items()}})

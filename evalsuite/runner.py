@@ -177,9 +177,8 @@ class Runner:
             key = (pre, body) if self.backend.packing else (pre, body, idx)
             rows.setdefault(key, []).append((idx, cont))
         uses = Counter(k[0] for k in rows)
-        # a row's cost: its share of the prefix, its tokens, and the vocabulary head at each scored one
-        mine = self._share(list(rows.items()), lambda row: len(row[0][0]) / uses[row[0][0]] + len(row[0][1]) + sum(
-            (1 + self.backend.head_cost) * len(c) for _, c in row[1]))
+        mine = self._share(list(rows.items()), lambda row: self._cost(
+            len(row[0][0]) / uses[row[0][0]], len(row[0][1]), sum(len(c) for _, c in row[1])))
         scored = self._cached({i: keys[i] for _, conts in mine for i, _ in conts})
         todo = [(k[0], k[1], [(i, c) for i, c in conts if i not in scored]) for k, conts in mine]
         scored.update(self._score([row for row in todo if row[2]], "loglikelihood",
@@ -197,7 +196,7 @@ class Runner:
             for a in range(1, len(seq), win - 1):
                 b = min(a + win - 1, len(seq))
                 windows.append(((idx, a), seq[max(0, b - win):a], seq[a:b]))
-        windows = self._share(windows, lambda w: len(w[1]) + (1 + self.backend.head_cost) * len(w[2]))
+        windows = self._share(windows, lambda w: self._cost(0, len(w[1]), len(w[2])))
         keys = {w: self._cache_key("rolling", ctx, target) for w, ctx, target in windows}
         scored = self._cached(keys)
         rows = [((), ctx, [(w, list(target))]) for w, ctx, target in windows if w not in scored]
@@ -240,6 +239,11 @@ class Runner:
             return units
         ranks = shard([cost(u) for u in units], self.world.size)
         return [u for u, r in zip(units, ranks) if r == self.world.rank]
+
+    def _cost(self, prefix_share: float, context: int, scored: int) -> float:
+        """A unit's cost for sharding: its share of a few-shot prefix and its other tokens through the
+        network, plus the vocabulary head at each scored (or generated) token."""
+        return prefix_share + context + (1 + self.backend.head_cost) * scored
 
     def _gather(self, done: dict) -> dict:
         """Every rank's results merged (each request was computed by exactly one rank)."""
@@ -455,8 +459,8 @@ class Runner:
         keys = [self._cache_key("generate", pre + body, req.stop, req.max_tokens, req.temperature, req.top_k,
                                 req.top_p, req.seed) for (pre, body), req in zip(encoded, requests)]
         uses = Counter(pre for pre, _ in encoded)
-        mine = self._share(list(range(len(requests))), lambda i: len(encoded[i][0]) / uses[encoded[i][0]] + len(
-            encoded[i][1]) + (1 + self.backend.head_cost) * requests[i].max_tokens)
+        mine = self._share(list(range(len(requests))), lambda i: self._cost(
+            len(encoded[i][0]) / uses[encoded[i][0]], len(encoded[i][1]), requests[i].max_tokens))
         results: dict[int, GenerationResult] = {i: GenerationResult(*v)
                                                 for i, v in self._cached({i: keys[i] for i in mine}).items()}
         groups = self._group([(*encoded[idx], requests[idx].max_tokens, idx) for idx in mine if idx not in results])
