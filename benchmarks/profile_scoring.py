@@ -1,6 +1,7 @@
 """Where log-likelihood scoring spends its time, and its FLOP/s against this machine's matmul peak.
 
     python benchmarks/profile_scoring.py --task hellaswag --limit 40 [--model gemma3_270m] [--threads N]
+    python benchmarks/profile_scoring.py --task mmlu --limit 114   # MMLU: the items vs_lm_eval.py takes
 
 1. Peak: fp32 torch.mm on square matrices (1024..4096) and on the vocabulary head's shape
    (512 x hidden @ hidden x vocab); the best GFLOP/s is the machine's measured peak.
@@ -43,7 +44,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from evalsuite import tasks
     from evalsuite.model import load_model
     from evalsuite.runner import Runner
 
@@ -51,7 +51,8 @@ def main() -> None:
     cfg = lm.config
     peak = {f"{n}x{n}x{n}": matmul_gflops(n, n, n) for n in (1024, 2048, 4096)}
     peak[f"head 512x{cfg.hidden_size}x{cfg.vocab_size}"] = matmul_gflops(512, cfg.hidden_size, cfg.vocab_size, 2)
-    items, _ = tasks.build_items(tasks.load_spec(args.task), limit=args.limit)
+    from vs_lm_eval import select  # the same items as the side-by-side benchmark (MMLU: across subjects)
+    items = select(args.task, args.limit)
     requests = [r for it in items for r in it.requests]
 
     runner = Runner(lm, batch_size=args.batch_size, progress=False)

@@ -318,16 +318,19 @@ class Runner:
         Each group is batched on its own, longest first, so that one prefix's KV is shared as views.
         The last, partly filled batch of every prefix group then goes to a pool that is batched
         across prefixes (their caches are stacked): a task made of many small few-shot groups, such as
-        BBH's 27 subtasks at a small limit, still runs in full batches. The pool keeps group order, so
-        a prefix is needed by a few consecutive batches only.
+        BBH's 27 subtasks at a small limit, still runs in full batches. The pool is ordered by prefix
+        length, since a stacked cache is as wide as its longest prefix (MMLU's 5-shot blocks run from
+        200 to 2,400 tokens), and keeps each prefix's rows together, so a prefix is needed by a few
+        consecutive batches only.
         """
         plan, pool = [], []
         for pre, members in groups.items():
             batches = self._fill([(pre, m) for m in sorted(members, key=lambda m: -m[0])])
             if pre and batches and self._room(len(batches[-1]), max(m[0] for _, m in batches[-1])):
-                pool += batches.pop()
+                pool.append(batches.pop())
             plan += batches
-        return plan + self._fill(pool)
+        pool.sort(key=lambda rows: len(rows[0][0]))  # stable: equal lengths keep group order
+        return plan + self._fill([row for rows in pool for row in rows])
 
     def _execute(self, groups: dict, run):
         """Runs every planned batch, yielding (items, run(items, cache, offsets)) per batch.

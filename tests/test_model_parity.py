@@ -100,6 +100,34 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path, family):
     assert len(cache) == 24
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_query_blocks_see_only_their_key_span(tmp_path, family, monkeypatch):
+    """Attention in blocks of 5 queries (window 7), each over its own key span, padded rows and a
+    cache included, still matches transformers."""
+    from evalsuite.model.gemma import AttentionMask
+    monkeypatch.setattr(AttentionMask, "QUERIES_PER_BLOCK", 5)
+    cfg = tiny_config(family)
+    hf = write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    lengths = [40, 17]
+    ids = _ids(2, 40, cfg.vocab_size, seed=9)
+    valid = torch.arange(40)[None] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        got = ours(ids, valid=valid)
+        cache = ours.new_cache()
+        ours(ids[:1, :23], cache=cache)
+        continued = ours(ids[:1, 23:], cache=cache)[0]
+        for i, n in enumerate(lengths):
+            ref = hf(ids[i:i + 1, :n]).logits[0]
+            assert (got[i, :n] - ref).abs().max().item() <= TOL
+        assert (continued - hf(ids[:1]).logits[0, 23:]).abs().max().item() <= TOL
+    # The spans are narrow: causal on global layers, the window on sliding ones.
+    q_pos = torch.arange(40)[None]
+    allowed = (q_pos[:, :, None] >= q_pos[:, None, :]) & (q_pos[:, :, None] - q_pos[:, None, :] < 7)
+    spans = [(q0, k0, k1) for q0, _, k0, k1, _ in AttentionMask(allowed, torch.float32).blocks]
+    assert spans[0] == (0, 0, 5) and spans[-1] == (35, 29, 40)
+
+
 def test_shared_prefix_cache_expands_to_many_continuations(tmp_path):
     cfg = tiny_config("gemma3")
     write_hf_checkpoint(cfg, tmp_path)

@@ -146,9 +146,11 @@ def test_small_few_shot_groups_share_batches_with_the_same_results(ours):
     groups = runner._group([(*runner.encode_context(g.context, g.shared_prefix), g.max_tokens, i)
                             for i, g in enumerate(gens)])
     plan = runner._plan(groups)
-    # One full batch from the 5-question block, then its remainder and both small blocks pooled.
+    # One full batch from the 5-question block, then its remainder and both small blocks pooled,
+    # shortest prefix first (a stacked cache is as wide as its longest prefix).
     assert [len(b) for b in plan] == [4, 4, 1]
-    assert len({pre for pre, _ in plan[1]}) == 3
+    pooled = [len(pre) for batch in plan[1:] for pre, _ in batch]
+    assert len(set(pooled)) == 3 and pooled == sorted(pooled)
     got = runner.generate_until(gens)
     alone = Runner(ours, batch_size=1, progress=False, share_prefix=False).generate_until(gens)
     assert [r.tokens for r in got] == [r.tokens for r in alone]
