@@ -43,8 +43,8 @@ class OursBackend:
     def device(self) -> torch.device:
         return self.lm.device
 
-    def hidden(self, ids, positions, valid, cache=None, attend=None):
-        return self.lm.model.hidden(ids, positions=positions, valid=valid, cache=cache, attend=attend)
+    def hidden(self, ids, positions, valid, cache=None, attend=None, needed=None):
+        return self.lm.model.hidden(ids, positions=positions, valid=valid, cache=cache, attend=attend, needed=needed)
 
     def head(self, h):
         return self.lm.model.head(h)
@@ -141,7 +141,8 @@ class HFBackend:
         self.turn_ids = (sot, eot) if sot is not None and eot is not None else None
         self.stop_ids = tuple(i for i in (self.tokenizer.eos_id, eot) if i is not None)
 
-    def hidden(self, ids, positions, valid, cache=None, attend=None):
+    def hidden(self, ids, positions, valid, cache=None, attend=None, needed=None):
+        # needed (the positions whose output is read) only saves work in our network; ignored here.
         if attend is not None:
             raise ValueError("the transformers backend does not take packed attention masks")
         mask = valid.long()

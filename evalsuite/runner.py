@@ -376,7 +376,8 @@ class Runner:
         cache = self.backend.new_cache()
         n = len(pre)
         self.backend.hidden(torch.tensor([pre], device=dev), torch.arange(n, device=dev)[None],
-                            torch.ones(1, n, dtype=torch.bool, device=dev), cache=cache)
+                            torch.ones(1, n, dtype=torch.bool, device=dev), cache=cache,
+                            needed=torch.zeros(1, n, dtype=torch.bool, device=dev))  # only the cache
         self.tokens_forwarded += n
         return cache
 
@@ -412,7 +413,7 @@ class Runner:
                 attend = torch.cat([torch.ones(b, width, P, dtype=torch.bool), attend], dim=2)
             attend = attend.to(dev)
         ids, pos, valid, at = (t.to(dev) for t in (ids, pos, valid, at))
-        hidden = self.backend.hidden(ids, pos, valid, cache=cache, attend=attend)
+        hidden = self.backend.hidden(ids, pos, valid, cache=cache, attend=attend, needed=at)
         sel = hidden[at]  # (n, hidden), row-major order of `at`; each needed position once
         where = {(r, p): i for i, (r, p) in enumerate(at.nonzero().tolist())}
         rows_idx, toks = [], []  # for every scored token: its row in `sel` and the token
@@ -495,7 +496,9 @@ class Runner:
         next_pos = torch.tensor([o + len(p) for o, p in zip(offsets, prompts)])
         gens = [torch.Generator().manual_seed(q.seed) for q in reqs]
         cache = cache if cache is not None else be.new_cache()
-        h = be.hidden(ids.to(dev), pos.to(dev), valid.to(dev), cache=cache)[:, -1]
+        last = torch.zeros(b, width, dtype=torch.bool)
+        last[:, -1] = True  # prompts are left-padded: every row ends in the last column
+        h = be.hidden(ids.to(dev), pos.to(dev), valid.to(dev), cache=cache, needed=last.to(dev))[:, -1]
         self.tokens_forwarded += int(valid.sum())
         active = list(range(b))  # original row of each live batch row
         out_tokens: list[list[int]] = [[] for _ in range(b)]

@@ -158,6 +158,31 @@ def test_logits_at_selects_positions(tmp_path):
     assert (some - full[at]).abs().max().item() <= 1e-5  # same maths; BLAS may round differently per shape
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_needed_positions_prune_the_last_layer_only(tmp_path, family):
+    """hidden(needed=...): the needed positions as without it, zeros elsewhere, and the same cache
+    (a prefix with nothing needed still leaves every layer's keys and values)."""
+    cfg = tiny_config(family)
+    write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    ids = _ids(2, 15, cfg.vocab_size, seed=8)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, 11:] = False
+    needed = torch.zeros_like(valid)
+    needed[0, [2, 14]] = needed[1, 10] = True
+    with torch.no_grad():
+        full = ours.hidden(ids, valid=valid)
+        some = ours.hidden(ids, valid=valid, needed=needed)
+        assert (some[needed] - full[needed]).abs().max().item() <= 1e-5
+        assert not some[~needed].any()
+        pruned, whole = ours.new_cache(), ours.new_cache()
+        ours.hidden(ids[:1, :9], cache=pruned, needed=torch.zeros(1, 9, dtype=torch.bool))
+        ours.hidden(ids[:1, :9], cache=whole)
+        assert all(torch.equal(a, b) for a, b in zip(pruned.k + pruned.v, whole.k + whole.v))
+        after = ours(ids[:1, 9:], cache=pruned)
+    assert (after - ours(ids[:1])[:, 9:]).abs().max().item() <= TOL
+
+
 def test_batch_size_does_not_change_logits(tmp_path):
     cfg = tiny_config("gemma2")
     write_hf_checkpoint(cfg, tmp_path)

@@ -65,6 +65,12 @@ class Tokens:
         self.index = None if bool(valid.all()) else valid.flatten().nonzero().squeeze(1)
         self.padding = None  # the complement of index, made when first needed
 
+    def subset(self, keep: torch.Tensor) -> "Tokens":
+        """The same (b, t) layout with only some of these tokens real: keep indexes the packed ones."""
+        flat = keep if self.index is None else self.index[keep]
+        valid = torch.zeros(self.b * self.t, dtype=torch.bool, device=keep.device).index_fill_(0, flat, True)
+        return Tokens(valid.view(self.b, self.t))
+
     def pack(self, x: torch.Tensor) -> torch.Tensor:  # (b, t, ...) -> (n, ...)
         x = x.flatten(0, 1)
         return x if self.index is None else x.index_select(0, self.index)
@@ -122,20 +128,27 @@ class Attention(nn.Module):
         self.scaling = cfg.query_pre_attn_scalar ** -0.5
 
     def forward(self, x, cos, sin, mask: "AttentionMask", cache: "KVCache | None", layer: int,
-                tokens: Tokens) -> torch.Tensor:
-        """x: (n, hidden), the real tokens of the batch described by `tokens`; returns (n, hidden)."""
+                tokens: Tokens, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (n, hidden), the real tokens of the batch described by `tokens`; returns (n, hidden).
+        keep: optional indices into those tokens; only they query (keys and values are made for all),
+        and the result is (len(keep), hidden)."""
         b, t = tokens.b, tokens.t
         hd, nh, nkv = self.cfg.head_dim, self.cfg.num_heads, self.cfg.num_kv_heads
         n = x.shape[0]
-        q, k = self.q(x).view(n, nh, hd), self.k(x).view(n, nkv, hd)
+        queries, q_x, q_cos, q_sin = tokens, x, cos, sin
+        if keep is not None:
+            queries, q_x, q_cos, q_sin = tokens.subset(keep), x[keep], cos[keep], sin[keep]
+        q, k = self.q(q_x).view(-1, nh, hd), self.k(x).view(n, nkv, hd)
         if self.cfg.qk_norm:  # Gemma 3: per-head RMSNorm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin: (n, 1, hd)
-        q = tokens.unpack(q).transpose(1, 2)  # (b, nh, t, hd)
+        q, k = apply_rope(q, q_cos, q_sin), apply_rope(k, cos, sin)  # cos, sin: (n, 1, hd)
         k = tokens.unpack(k).transpose(1, 2)  # (b, nkv, t, hd)
         v = tokens.unpack(self.v(x).view(n, nkv, hd)).transpose(1, 2)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (b, nkv, s, hd): earlier keys followed by these
+        if q.shape[0] == 0:  # nothing queries (a prefix whose keys and values are all that is needed)
+            return x.new_zeros(0, x.shape[1])
+        q = queries.unpack(q).transpose(1, 2)  # (b, nh, t, hd)
         # Query head h uses kv head h // group (HF repeat_kv); group the queries instead of copying K/V.
         group = nh // nkv
         parts = []
@@ -151,7 +164,7 @@ class Attention(nn.Module):
             parts.append(torch.matmul(probs.view(b, nkv, group * m, span), v[:, :, k0:k1]).view(b, nkv, group, m, hd))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)  # (b, nkv, group, t, hd)
         out = out.view(b, nh, t, hd).transpose(1, 2).reshape(b, t, nh * hd)
-        return self.o(tokens.pack(out))
+        return self.o(queries.pack(out))
 
 
 class MLP(nn.Module):
@@ -178,8 +191,10 @@ class Block(nn.Module):
             self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, mask, cache, layer, tokens: Tokens):
-        x = self.attn(self.attn_norm(h), cos, sin, mask, cache, layer, tokens)
+    def forward(self, h, cos, sin, mask, cache, layer, tokens: Tokens, keep: torch.Tensor | None = None):
+        x = self.attn(self.attn_norm(h), cos, sin, mask, cache, layer, tokens, keep)
+        if keep is not None:  # the rest of the block only for the tokens whose output is needed
+            h = h[keep]
         if self.cfg.post_norms:
             x = self.post_attn_norm(x)
         h = h + x
@@ -319,7 +334,7 @@ class Gemma(nn.Module):
             the result is (n, vocab) in row-major order. Otherwise (b, t, vocab).
         Logits are in the model dtype, soft-capped where the config says so.
         """
-        h = self.hidden(input_ids, positions, valid, cache, attend)
+        h = self.hidden(input_ids, positions, valid, cache, attend, needed=logits_at)
         if logits_at is not None:
             h = h[logits_at]  # (n, hidden): the vocab-sized head is most of a small model's cost
         return self.head(h)
@@ -331,6 +346,7 @@ class Gemma(nn.Module):
         valid: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attend: torch.Tensor | None = None,
+        needed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (b, t, hidden) before the output norm and head (zeros at padding).
 
@@ -339,6 +355,10 @@ class Gemma(nn.Module):
         cache: earlier keys/values; this call's keys are appended to it.
         attend: optional (b, t, len(cache) + t) bool restricting which keys each query may see
             beyond the causal rule (e.g. several continuations packed after one shared context).
+        needed: optional (b, t) bool, the positions whose hidden state is wanted (the rest come back
+            as zeros): the last layer then runs its queries, output projection and MLP for those only,
+            its keys and values for all (a layer's worth of work saved on a prefix, whose cache is
+            all that is needed, and on scored rows, where few positions are read).
         """
         b, t = input_ids.shape
         dev = input_ids.device
@@ -364,13 +384,18 @@ class Gemma(nn.Module):
             rope[SLIDING] = self._rope(real_positions, self.inv_freq_local, h.dtype)
         # Whether the embeddings and each layer's output are finite, kept on the device (no sync): read
         # only when the logits turn out non-finite, to say where NaN/inf first appeared.
+        keep, out = None, tokens
+        if needed is not None:
+            keep = tokens.pack(needed).nonzero().squeeze(1)
+            out = tokens.subset(keep)
         finite = [torch.isfinite(h).all()]
+        last = len(self.layers) - 1
         for i, (block, kind) in enumerate(zip(self.layers, self.cfg.layer_types)):
             cos, sin = rope[kind]
-            h = block(h, cos, sin, masks[kind], cache, i, tokens)
+            h = block(h, cos, sin, masks[kind], cache, i, tokens, keep if i == last else None)
             finite.append(torch.isfinite(h).all())
         self.last_finite = torch.stack(finite)
-        return tokens.unpack(h)
+        return out.unpack(h)
 
     def nonfinite_origin(self) -> str | None:
         """Where the last `hidden` call first produced NaN/inf: 'the embeddings', 'layer i (kind)', or None."""
