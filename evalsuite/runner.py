@@ -269,7 +269,7 @@ class Runner:
     def _score(self, rows, desc: str, store=None) -> dict:
         """rows: (prefix, context, [(key, continuation tokens)]) -> {key: (logprob, is_greedy, n)};
         store(batch results) is called after every batch."""
-        groups = self._group([(pre, body, sum(len(c) for _, c in conts), conts) for pre, body, conts in rows])
+        groups = self._group([(pre, body, sum(len(c) - 1 for _, c in conts), conts) for pre, body, conts in rows])
         out: dict = {}
         bar = tqdm(total=sum(len(c) for _, _, c in rows), desc=self._desc(desc), unit="req", disable=not self.progress)
         for batch, done in self._execute(groups, self._run_batch):
@@ -382,10 +382,14 @@ class Runner:
         return cache
 
     def _run_batch(self, batch, cache, offsets: list[int]) -> dict:
-        """offsets: each row's prefix length (its tokens in `cache`); positions continue from it."""
+        """offsets: each row's prefix length (its tokens in `cache`); positions continue from it.
+
+        A continuation's last token is not run: its output predicts nothing that is scored and its key
+        is seen by no later token (nothing follows it in its segment). MMLU's one-token answers thus
+        add no tokens at all; the context's last position scores every choice's first token."""
         dev, packing = self.backend.device, self.backend.packing
         P = max(offsets)  # the cache's width (shorter prefixes are left-padded in it)
-        width = max(len(ctx) + sum(len(c) for _, c in conts) for ctx, conts in batch)
+        width = max(len(ctx) + sum(len(c) - 1 for _, c in conts) for ctx, conts in batch)
         b = len(batch)
         ids = torch.full((b, width), self.backend.tokenizer.pad_id, dtype=torch.long)
         pos = torch.zeros(b, width, dtype=torch.long)
@@ -398,11 +402,11 @@ class Runner:
             at[r, n - 1] = True
             off = n
             for k, (key, cont) in enumerate(conts, start=1):
-                m = len(cont)
-                ids[r, off:off + m], seg[r, off:off + m] = torch.tensor(cont), k
+                m = len(cont) - 1  # tokens run: all but the last
+                ids[r, off:off + m], seg[r, off:off + m] = torch.tensor(cont[:-1], dtype=torch.long), k
                 pos[r, off:off + m] = torch.arange(o + n, o + n + m)
-                at[r, off:off + m - 1] = True
-                preds = [n - 1] + list(range(off, off + m - 1))
+                at[r, off:off + m] = True
+                preds = [n - 1] + list(range(off, off + m))
                 targets.append((key, r, list(zip(preds, cont))))
                 off += m
         valid = seg >= 0

@@ -124,8 +124,39 @@ def test_query_blocks_see_only_their_key_span(tmp_path, family, monkeypatch):
     # The spans are narrow: causal on global layers, the window on sliding ones.
     q_pos = torch.arange(40)[None]
     allowed = (q_pos[:, :, None] >= q_pos[:, None, :]) & (q_pos[:, :, None] - q_pos[:, None, :] < 7)
-    spans = [(q0, k0, k1) for q0, _, k0, k1, _ in AttentionMask(allowed, torch.float32).blocks]
+    spans = [(q0, k0, k1) for _, _, q0, _, k0, k1, _ in AttentionMask(allowed, torch.float32).blocks]
     assert spans[0] == (0, 0, 5) and spans[-1] == (35, 29, 40)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_rows_with_different_key_spans_attend_apart(tmp_path, family, monkeypatch):
+    """Two rows continuing prefixes of 30 and 8 tokens (stacked: the shorter one left-padded by 22
+    slots) attend in separate row runs, each over its own key span; logits still match transformers."""
+    from evalsuite.model.gemma import AttentionMask, KVCache
+    monkeypatch.setattr(AttentionMask, "SMALL_RUN", 0)  # tiny shapes would otherwise share one run
+    cfg = tiny_config(family)
+    hf = write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    prefixes = [_ids(1, 30, cfg.vocab_size, seed=11), _ids(1, 8, cfg.vocab_size, seed=12)]
+    rest = _ids(2, 6, cfg.vocab_size, seed=13)
+    rest[:, 0] = 7  # not BOS: these tokens continue their prefix
+    with torch.no_grad():
+        caches = []
+        for pre in prefixes:
+            caches.append(ours.new_cache())
+            ours(pre, cache=caches[-1])
+        positions = torch.stack([torch.arange(30, 36), torch.arange(8, 14)])
+        got = ours(rest, positions=positions, cache=KVCache.stack(caches))
+        for i, pre in enumerate(prefixes):
+            ref = hf(torch.cat([pre, rest[i:i + 1]], dim=1)).logits[0, -6:]
+            assert (got[i] - ref).abs().max().item() <= TOL
+    slots = torch.arange(36)
+    allowed = (slots[None, None, :] <= torch.arange(30, 36)[None, :, None]) & \
+        torch.stack([slots >= 0, slots >= 22])[:, None, :]
+    runs = [(r0, r1, k0, k1) for r0, r1, _, _, k0, k1, _ in AttentionMask(allowed, torch.float32).blocks]
+    assert runs == [(0, 1, 0, 36), (1, 2, 22, 36)]
+    monkeypatch.setattr(AttentionMask, "SMALL_RUN", 1 << 16)  # small: one matmul for both rows
+    assert [(r0, r1) for r0, r1, *_ in AttentionMask(allowed, torch.float32).blocks] == [(0, 2)]
 
 
 def test_shared_prefix_cache_expands_to_many_continuations(tmp_path):

@@ -85,31 +85,62 @@ class Tokens:
 
 
 class AttentionMask:
-    """Which keys (b, s) each query (b, t) may see, cut into blocks of queries, each with the span of
-    key slots that any of its queries sees. Attention runs block by block over that span only: keys
-    outside it are masked for every query of the block, so their softmax weight would be exactly 0.
-    On a long sequence this skips the causal upper triangle and, on sliding layers, all keys outside
-    the window (a 2,400-token few-shot block under a 512-token window: 4 times fewer scores), and it
-    bounds the size of the score tensor."""
+    """Which keys (b, s) each query (b, t) may see, cut into blocks: a run of rows by a run of
+    queries, over the span of key slots that any of its queries sees. Attention runs block by block
+    over that span only: keys outside it are masked for every query of the block, so their softmax
+    weight would be exactly 0. On a long sequence this skips the causal upper triangle and, on
+    sliding layers, all keys outside the window (a 2,400-token few-shot block under a 512-token
+    window: 4 times fewer scores). Rows are split into runs where their spans differ much: in a
+    batch whose rows continue few-shot blocks of different lengths (left-padded in a stacked cache),
+    a row of a 1,400-token block would otherwise score all 2,400 slots of its longest neighbour.
+    Queries that see nothing (padding) are left out where a run ends in them."""
 
     QUERIES_PER_BLOCK = 256
+    # Rows join a run while that wastes at most this share of its scores, or while the run is small
+    # (a decode step's few hundred scores: one matmul beats one per row).
+    RUN_SLACK, SMALL_RUN = 1.25, 1 << 16
 
     def __init__(self, allowed: torch.Tensor, dtype: torch.dtype):
         b, t, s = allowed.shape
-        starts = range(0, t, self.QUERIES_PER_BLOCK)
-        # Which key slots each block sees, moved to the host in one transfer.
-        seen = torch.stack([allowed[:, q0:q0 + self.QUERIES_PER_BLOCK].any(1).any(0) for q0 in starts]).cpu()
-        # Additive, with the dtype's finite minimum as HF: a fully masked (padding) query then gets a
-        # uniform softmax instead of NaN, and NaN cannot leak into real rows through P @ V.
-        neg = torch.finfo(dtype).min
-        self.blocks = []  # (q0, q1, k0, k1, additive mask (b, q1 - q0, k1 - k0))
-        for q0, cols in zip(starts, seen):
-            q1 = min(t, q0 + self.QUERIES_PER_BLOCK)
-            slots = cols.nonzero()
-            k0, k1 = (int(slots[0]), int(slots[-1]) + 1) if len(slots) else (0, s)  # none: padding queries only
-            part = allowed[:, q0:q1, k0:k1]
-            additive = torch.zeros(part.shape, dtype=dtype, device=part.device).masked_fill_(~part, neg)
-            self.blocks.append((q0, q1, k0, k1, additive))
+        step = self.QUERIES_PER_BLOCK
+        starts = list(range(0, t, step))
+        # Per (query block, row): the first and last key slot seen and the last query that sees any,
+        # -1 where the row's queries in the block see nothing; moved to the host in one transfer.
+        keys_seen = torch.stack([allowed[:, q0:q0 + step].any(1) for q0 in starts])  # (blocks, b, s)
+        queries_seeing = torch.zeros(len(starts), b, step, dtype=torch.bool, device=allowed.device)
+        for i, q0 in enumerate(starts):
+            queries_seeing[i, :, :min(step, t - q0)] = allowed[:, q0:q0 + step].any(2)
+        slots = torch.arange(s, device=allowed.device)
+        qidx = torch.arange(step, device=allowed.device)
+        bounds = torch.stack([torch.where(keys_seen, slots, s).amin(2), torch.where(keys_seen, slots, -1).amax(2),
+                              torch.where(queries_seeing, qidx, -1).amax(2)], dim=2).tolist()  # (blocks, b, 3)
+        # Additive, with the dtype's finite minimum as HF: a fully masked (padding) query inside a
+        # block gets a uniform softmax instead of NaN, and NaN cannot leak into real rows through P @ V.
+        self.neg = torch.finfo(dtype).min
+        self.blocks = []  # (r0, r1, q0, q1, k0, k1, additive mask (r1 - r0, q1 - q0, k1 - k0))
+        for q0, rows in zip(starts, bounds):
+            run = None  # [r0, r1, k0, k1, last query + 1, scores if the rows ran alone]
+            for r, (k0, k_last, q_last) in enumerate(rows):
+                if q_last < 0:  # nothing seen: padding only
+                    run = self._close(run, allowed, q0, dtype)
+                    continue
+                k1, m = k_last + 1, q_last + 1
+                if run is not None:
+                    merged = (r + 1 - run[0]) * max(run[4], m) * (max(run[3], k1) - min(run[2], k0))
+                    if merged <= self.SMALL_RUN or merged <= self.RUN_SLACK * (run[5] + m * (k1 - k0)):
+                        run = [run[0], r + 1, min(run[2], k0), max(run[3], k1), max(run[4], m), run[5] + m * (k1 - k0)]
+                        continue
+                    run = self._close(run, allowed, q0, dtype)
+                run = [r, r + 1, k0, k1, m, m * (k1 - k0)]
+            self._close(run, allowed, q0, dtype)
+
+    def _close(self, run, allowed, q0, dtype) -> None:
+        if run is not None:
+            r0, r1, k0, k1, m, _ = run
+            part = allowed[r0:r1, q0:q0 + m, k0:k1]
+            additive = torch.zeros(part.shape, dtype=dtype, device=part.device).masked_fill_(~part, self.neg)
+            self.blocks.append((r0, r1, q0, q0 + m, k0, k1, additive))
+        return None
 
 
 class Attention(nn.Module):
@@ -151,18 +182,23 @@ class Attention(nn.Module):
         q = queries.unpack(q).transpose(1, 2)  # (b, nh, t, hd)
         # Query head h uses kv head h // group (HF repeat_kv); group the queries instead of copying K/V.
         group = nh // nkv
-        parts = []
-        for q0, q1, k0, k1, additive in mask.blocks:
-            m, span = q1 - q0, k1 - k0
-            qg = q[:, :, q0:q1].reshape(b, nkv, group * m, hd)
-            scores = torch.matmul(qg, k[:, :, k0:k1].transpose(2, 3)).mul_(self.scaling)  # (b, nkv, group*m, span)
+        out = None
+        if len(mask.blocks) != 1 or mask.blocks[0][:4] != (0, b, 0, t):  # queries no block covers: padding
+            out = q.new_zeros(b, nkv, group, t, hd)
+        for r0, r1, q0, q1, k0, k1, additive in mask.blocks:
+            rows, m, span = r1 - r0, q1 - q0, k1 - k0
+            qg = q[r0:r1, :, q0:q1].reshape(rows, nkv, group * m, hd)
+            scores = torch.matmul(qg, k[r0:r1, :, k0:k1].transpose(2, 3)).mul_(self.scaling)  # (rows, nkv, group*m, span)
             cap = self.cfg.attn_logit_softcap
             if cap is not None:  # Gemma 2: divide, tanh, multiply, BEFORE the mask (a masked -inf would become -cap)
                 scores = scores.div_(cap).tanh_().mul_(cap)
-            scores = scores.view(b, nkv, group, m, span).add_(additive[:, None, None])
+            scores = scores.view(rows, nkv, group, m, span).add_(additive[:, None, None])
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            parts.append(torch.matmul(probs.view(b, nkv, group * m, span), v[:, :, k0:k1]).view(b, nkv, group, m, hd))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)  # (b, nkv, group, t, hd)
+            part = torch.matmul(probs.view(rows, nkv, group * m, span), v[r0:r1, :, k0:k1]).view(rows, nkv, group, m, hd)
+            if out is None:
+                out = part
+            else:
+                out[r0:r1, :, :, q0:q1] = part
         out = out.view(b, nh, t, hd).transpose(1, 2).reshape(b, t, nh * hd)
         return self.o(queries.pack(out))
 
@@ -306,18 +342,22 @@ class Gemma(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (n, 1, hd) for n positions
 
-    def _masks(self, q_pos, k_pos, k_valid, attend, dtype):
-        # Query i sees key j iff j is a real token at a position <= i (causal by position), and on
-        # sliding layers also i - j < sliding_window: the token itself plus W-1 earlier ones
-        # (HF masking_utils.sliding_window_overlay: kv_idx > q_idx - W).
+    def _masks(self, q_pos, q_valid, k_pos, k_valid, attend, needed, dtype):
+        """{layer kind: AttentionMask} and the last layer's mask, which has only the `needed` queries."""
+        # Query i sees key j iff both are real tokens and j is at a position <= i (causal by
+        # position), and on sliding layers also i - j < sliding_window: the token itself plus W-1
+        # earlier ones (HF masking_utils.sliding_window_overlay: kv_idx > q_idx - W). Padding queries
+        # see nothing, so attention skips them (their outputs are never read).
         dist = q_pos[:, :, None] - k_pos[:, None, :]  # (b, t, s)
-        allowed = k_valid[:, None, :] & (dist >= 0)
+        allowed = {GLOBAL: k_valid[:, None, :] & q_valid[:, :, None] & (dist >= 0)}
         if attend is not None:
-            allowed = allowed & attend
-        masks = {GLOBAL: AttentionMask(allowed, dtype)}
+            allowed[GLOBAL] &= attend
         if SLIDING in self.cfg.layer_types:
-            masks[SLIDING] = AttentionMask(allowed & (dist < self.cfg.sliding_window), dtype)
-        return masks
+            allowed[SLIDING] = allowed[GLOBAL] & (dist < self.cfg.sliding_window)
+        masks = {kind: AttentionMask(a, dtype) for kind, a in allowed.items()}
+        kind = self.cfg.layer_types[-1]
+        last = masks[kind] if needed is None else AttentionMask(allowed[kind] & needed[:, :, None], dtype)
+        return masks, last
 
     def forward(
         self,
@@ -377,7 +417,7 @@ class Gemma(nn.Module):
         # sqrt(hidden) as an fp32 tensor cast to the weight dtype (HF Gemma3TextScaledWordEmbedding):
         # in bf16 the constant itself is rounded, e.g. 59.87 -> 59.75 for Gemma 2 9B.
         h = h * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=torch.float32).to(h.dtype)
-        masks = self._masks(positions, k_pos, k_valid, attend, h.dtype)
+        masks, last_mask = self._masks(positions, valid, k_pos, k_valid, attend, needed, h.dtype)
         real_positions = tokens.pack(positions)
         rope = {GLOBAL: self._rope(real_positions, self.inv_freq_global, h.dtype)}
         if SLIDING in self.cfg.layer_types:
@@ -392,7 +432,10 @@ class Gemma(nn.Module):
         last = len(self.layers) - 1
         for i, (block, kind) in enumerate(zip(self.layers, self.cfg.layer_types)):
             cos, sin = rope[kind]
-            h = block(h, cos, sin, masks[kind], cache, i, tokens, keep if i == last else None)
+            if i == last:
+                h = block(h, cos, sin, last_mask, cache, i, tokens, keep)
+            else:
+                h = block(h, cos, sin, masks[kind], cache, i, tokens)
             finite.append(torch.isfinite(h).all())
         self.last_finite = torch.stack(finite)
         return out.unpack(h)
