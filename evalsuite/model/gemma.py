@@ -119,31 +119,29 @@ class AttentionMask:
                               torch.where(queries_seeing, qidx, -1).amax(2)], dim=2).tolist()  # (blocks, b, 3)
         # Additive, with the dtype's finite minimum as HF: a fully masked (padding) query inside a
         # block gets a uniform softmax instead of NaN, and NaN cannot leak into real rows through P @ V.
-        self.neg = torch.finfo(dtype).min
+        neg = torch.finfo(dtype).min
         self.blocks = []  # (r0, r1, q0, q1, k0, k1, additive mask (r1 - r0, q1 - q0, k1 - k0))
         for q0, rows in zip(starts, bounds):
-            run = None  # [r0, r1, k0, k1, last query + 1, scores if the rows ran alone]
+            runs = []  # [r0, r1, k0, k1, last query + 1, scores if its rows ran alone]
+            extend = False  # whether the next row may join runs[-1] (it is its neighbour)
             for r, (k0, k_last, q_last) in enumerate(rows):
                 if q_last < 0:  # nothing seen: padding only
-                    run = self._close(run, allowed, q0, dtype)
+                    extend = False
                     continue
                 k1, m = k_last + 1, q_last + 1
-                if run is not None:
+                if extend:
+                    run = runs[-1]
                     merged = (r + 1 - run[0]) * max(run[4], m) * (max(run[3], k1) - min(run[2], k0))
                     if merged <= self.SMALL_RUN or merged <= self.RUN_SLACK * (run[5] + m * (k1 - k0)):
-                        run = [run[0], r + 1, min(run[2], k0), max(run[3], k1), max(run[4], m), run[5] + m * (k1 - k0)]
+                        runs[-1] = [run[0], r + 1, min(run[2], k0), max(run[3], k1), max(run[4], m),
+                                    run[5] + m * (k1 - k0)]
                         continue
-                    run = self._close(run, allowed, q0, dtype)
-                run = [r, r + 1, k0, k1, m, m * (k1 - k0)]
-            self._close(run, allowed, q0, dtype)
-
-    def _close(self, run, allowed, q0, dtype) -> None:
-        if run is not None:
-            r0, r1, k0, k1, m, _ = run
-            part = allowed[r0:r1, q0:q0 + m, k0:k1]
-            additive = torch.zeros(part.shape, dtype=dtype, device=part.device).masked_fill_(~part, self.neg)
-            self.blocks.append((r0, r1, q0, q0 + m, k0, k1, additive))
-        return None
+                runs.append([r, r + 1, k0, k1, m, m * (k1 - k0)])
+                extend = True
+            for r0, r1, k0, k1, m, _ in runs:
+                part = allowed[r0:r1, q0:q0 + m, k0:k1]
+                additive = torch.zeros(part.shape, dtype=dtype, device=part.device).masked_fill_(~part, neg)
+                self.blocks.append((r0, r1, q0, q0 + m, k0, k1, additive))
 
 
 class Attention(nn.Module):
