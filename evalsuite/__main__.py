@@ -91,7 +91,8 @@ def run(cfg: DictConfig) -> None:
         device = f"cuda:{world.local_rank}"  # one GPU per rank
     backend = cfg.model.get("backend", "ours")
     if backend == "ours":
-        model = load_model(cfg.model.path, device=device, dtype=cfg.dtype, preset=cfg.model.get("preset"))
+        model = load_model(cfg.model.path, device=device, dtype=cfg.dtype, preset=cfg.model.get("preset"),
+                           attention=cfg.attention)
     elif backend == "hf":
         from .backends import HFBackend
         model = HFBackend(cfg.model.path, device=device, dtype=cfg.dtype)

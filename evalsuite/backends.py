@@ -71,7 +71,8 @@ class OursBackend:
         lm = self.lm
         return {"backend": "ours", "source": lm.source, "family": lm.config.family,
                 "fingerprint_sha256": lm.fingerprint(), "weight_files": [str(f) for f in lm.weight_files],
-                "tokenizer": lm.tokenizer.kind, "dtype": str(lm.model.dtype), "device": str(lm.device)}
+                "tokenizer": lm.tokenizer.kind, "dtype": str(lm.model.dtype), "device": str(lm.device),
+                "attention": lm.model.attention}
 
 
 @dataclass

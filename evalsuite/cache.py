@@ -3,7 +3,8 @@
 Every batch's results are committed to SQLite (WAL journal, synchronous=FULL) as soon as the batch
 is done, so rerunning the same command computes only what is missing. An entry's key is a sha256
 of everything that decides the result:
-  * the model: weights fingerprint (sha256 of the weight files), tokenizer, dtype, device type;
+  * the model: weights fingerprint (sha256 of the weight files), tokenizer, dtype, device type,
+    attention path (blocks or flex);
   * the numerics: a hash of the source of the code that computes results (evalsuite/model/*.py,
     runner.py, backends.py), the torch version (and transformers' for the hf backend), TF32 flags;
   * the request as run: its token ids (a tokenizer change changes them), and for generation the
@@ -50,7 +51,8 @@ def code_version() -> str:
 
 def model_key(described: dict[str, Any]) -> dict[str, Any]:
     """What identifies the numbers a backend produces, from backend.describe() and the environment."""
-    key = {k: described.get(k) for k in ("backend", "family", "fingerprint_sha256", "tokenizer", "dtype")}
+    key = {k: described.get(k) for k in ("backend", "family", "fingerprint_sha256", "tokenizer", "dtype",
+                                          "attention")}
     key["device_type"] = str(described.get("device", "cpu")).split(":")[0]
     key["code"] = code_version()
     key["torch"] = torch.__version__

