@@ -44,7 +44,7 @@ def main() -> None:
         reqs = [replace(r, max_tokens=args.max_tokens) for r in reqs]
     first = None
     for bs in args.batch_sizes:
-        runner = Runner(lm, batch_size=bs, progress=False)
+        runner = Runner(lm, generate_batch_size=bs, progress=False)
         t0 = time.perf_counter()
         out = runner.generate_until(reqs)
         dt = time.perf_counter() - t0

@@ -78,7 +78,8 @@ def run_ours(args, sizes: dict[str, int]) -> dict:
         # the work as lm-eval does it: BOS + context (+ continuation) tokens per request, nothing shared
         work = sum(1 + len(tok.encode(r.context)) + len(tok.encode(getattr(r, "continuation", "")))
                    for it in items for r in it.requests)
-        runner = Runner(lm, batch_size=args.batch_size, progress=args.progress)
+        runner = Runner(lm, batch_size=args.batch_size, generate_batch_size=args.generate_batch_size,
+                        progress=args.progress)
         t0 = time.perf_counter()
         if task == "gsm8k":
             res = runner.generate_until([it.requests[0] for it in items])
@@ -233,7 +234,8 @@ def compare(sizes, ours, theirs) -> dict:
 
 def markdown(cmp: dict, args) -> str:
     lines = [f"evalsuite vs {cmp['lm_eval_engine']} (HF backend), model {args.model}, fp32 CPU, "
-             f"{os.cpu_count()} cores; evalsuite batch_size {args.batch_size}, lm-eval batch_size "
+             f"{os.cpu_count()} cores; evalsuite batch_size {args.batch_size} (generation "
+             f"{args.generate_batch_size}), lm-eval batch_size "
              f"{args.lm_eval_batch_size}", "",
              "| task | items | requests | tokens | evalsuite s | lm-eval s | speedup | evalsuite req/s | lm-eval req/s "
              "| evalsuite tok/s | lm-eval tok/s | metric | evalsuite | lm-eval | identical predictions | max abs Δ log-prob |",
@@ -259,6 +261,7 @@ def main() -> None:
     ap.add_argument("--mmlu", type=int, default=300)
     ap.add_argument("--gsm8k", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=16, help="evalsuite's batch_size")
+    ap.add_argument("--generate-batch-size", type=int, default=64, help="evalsuite's generate_batch_size")
     ap.add_argument("--lm-eval-batch-size", default="1", help="lm-eval's batch_size (a number or auto)")
     ap.add_argument("--out", type=Path, default=Path("outputs/vs_lm_eval"))
     ap.add_argument("--progress", action="store_true")

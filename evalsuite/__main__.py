@@ -101,7 +101,8 @@ def run(cfg: DictConfig) -> None:
     run_id = world.broadcast(dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.model.get('preset') or 'model'}")
     out_dir = Path(cfg.output_dir) / run_id
     res = evaluate.run(model, task_names, out_dir, limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=cfg.seed,
-                       batch_size=cfg.batch_size, token_budget=cfg.token_budget, data_source=cfg.data.source,
+                       batch_size=cfg.batch_size, generate_batch_size=cfg.generate_batch_size,
+                       token_budget=cfg.token_budget, data_source=cfg.data.source,
                        progress=cfg.progress, chat=cfg.chat, fewshot_sampler=cfg.fewshot_sampler,
                        share_prefix=cfg.share_prefix, sampling=sampling, execution=execution, skipped=skipped,
                        config=OmegaConf.to_container(cfg, resolve=True), cache=cfg.cache, cache_dir=cache_dir(cfg),

@@ -152,7 +152,7 @@ def git_commit() -> str | None:
 
 
 def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=None, seed=1234,
-        batch_size=16, token_budget=16384, data_source="local", progress=True, chat=False, fewshot_sampler=None,
+        batch_size=16, generate_batch_size=64, token_budget=16384, data_source="local", progress=True, chat=False, fewshot_sampler=None,
         share_prefix=True, sampling: Sampling = Sampling(), execution: dict | None = None,
         skipped: dict[str, str] | None = None, config: dict | None = None, cache: str = "off",
         cache_dir: str | Path | None = None, world: World = World()) -> dict:
@@ -191,7 +191,8 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
     gen_owned = [((name, it.index), r) for name, (spec, items, _) in built.items() if spec["kind"] == "generate"
                  for it in items for r in sampling.requests(it.requests[0], name, it.index, seed)]
     ll_requests, gen_requests = [r for _, r in ll_owned], [r for _, r in gen_owned]
-    runner = Runner(backend, batch_size=batch_size, token_budget=token_budget, progress=progress,
+    runner = Runner(backend, batch_size=batch_size, generate_batch_size=generate_batch_size,
+                    token_budget=token_budget, progress=progress,
                     share_prefix=share_prefix, cache=result_cache, world=world)
     t0 = time.perf_counter()
     ll_results = None

@@ -11,10 +11,12 @@ Execution of log-likelihoods (backends with packing, i.e. ours):
   * choices of one question form one packed row, [context][choice 1]...[choice k], each choice at
     the context's next positions, attending to the context and to itself only (segment mask), so
     the context is computed once for all its choices;
-  * a prefix used by several rows (a few-shot block) is run once, batch 1, and its KV cache is
-    expanded (views) under every batch of rows that starts with it;
-  * rows are sorted by length, longest first, and batched under batch_size and a token budget
-    (rows x (prefix + row width));
+  * a prefix used by several rows (a few-shot block) is run once, batch 1, and every batch of rows
+    that starts with it shares its KV cache, held once (KVCache.expand);
+  * rows are sorted by length, longest first, and batched under batch_size (generate_batch_size
+    when generating) and a token budget
+    (rows x row width; the prefix counts in the width only where rows of several prefixes share a
+    batch, which copies each row's prefix into a stacked cache);
   * the vocabulary-sized head runs only at positions that predict a continuation token, in chunks.
 Backends without packing (transformers) get one plain causal row per request.
 Results always come back in input order.
@@ -107,7 +109,7 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
 class Runner:
     def __init__(self, model, batch_size: int = 16, token_budget: int = 16384, head_chunk: int = 256,
                  progress: bool = True, share_prefix: bool = True, max_length: int = 8192, cache=None,
-                 world: World = World()):
+                 world: World = World(), generate_batch_size: int = 64):
         self.backend = as_backend(model)
         self.world = world
         self.cache = cache  # a ResultCache, or None
@@ -115,6 +117,13 @@ class Runner:
         self.computed = 0  # requests computed here
         self.oom_splits = 0  # batches split in halves after running out of memory
         self.batch_size, self.token_budget, self.head_chunk = batch_size, token_budget, head_chunk
+        # Decoding reads every weight once per step whatever the number of rows, so it gains from far
+        # more rows than scoring, whose forwards are bound by arithmetic.
+        self.generate_batch_size = generate_batch_size
+        for name, value in (("batch_size", batch_size), ("generate_batch_size", generate_batch_size),
+                            ("token_budget", token_budget)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive integer")
         self.progress, self.share_prefix = progress, share_prefix
         self.max_length = min(max_length, self.backend.max_length)
         self.tokens_scored = 0  # continuation tokens scored
@@ -272,7 +281,7 @@ class Runner:
         groups = self._group([(pre, body, sum(len(c) - 1 for _, c in conts), conts) for pre, body, conts in rows])
         out: dict = {}
         bar = tqdm(total=sum(len(c) for _, _, c in rows), desc=self._desc(desc), unit="req", disable=not self.progress)
-        for batch, done in self._execute(groups, self._run_batch):
+        for batch, done in self._execute(groups, self._run_batch, self.batch_size):
             if store is not None:
                 store(done)
             out.update(done)
@@ -284,36 +293,37 @@ class Runner:
     def _group(self, rows) -> dict:
         """rows: [(prefix, rest, tokens to follow, tag)] -> {prefix: [(span, (tokens to run, tag))]}.
 
-        A prefix used by several rows (with a non-empty rest) is shared: its rows run only their rest.
-        Other rows go to the plain group () with their prefix as ordinary tokens.
+        A prefix used by several rows (with a non-empty rest) is shared: its rows run only their rest,
+        and their span (what counts against the token budget) leaves the prefix out, since its keys
+        are held once for the whole batch. Other rows go to the plain group () with their prefix as
+        ordinary tokens.
         """
         uses = Counter(pre for pre, rest, _, _ in rows if pre and rest)
         groups: dict[tuple[int, ...], list] = {(): []}
         for pre, rest, follow, tag in rows:
-            span = len(pre) + len(rest) + follow
             if pre and rest and uses[pre] > 1 and self.backend.packing and self.share_prefix:
-                groups.setdefault(pre, []).append((span, (rest, tag)))
+                groups.setdefault(pre, []).append((len(rest) + follow, (rest, tag)))
             else:
-                groups[()].append((span, (pre + rest, tag)))
+                groups[()].append((len(pre) + len(rest) + follow, (pre + rest, tag)))
         return groups
 
-    def _room(self, rows: int, widest: int) -> bool:
-        """Whether a batch of `rows` rows, the widest spanning `widest` tokens, may take one more row."""
-        return rows < self.batch_size and (rows + 1) * widest <= self.token_budget
+    def _room(self, rows: int, widest: int, most: int) -> bool:
+        """Whether a batch of `rows` rows (at most `most`), the widest spanning `widest` tokens, may take one more row."""
+        return rows < most and (rows + 1) * widest <= self.token_budget
 
-    def _fill(self, rows) -> list[list]:
-        """rows: [(prefix, (span, item))] in order -> batches under batch_size and the token budget."""
+    def _fill(self, rows, most: int) -> list[list]:
+        """rows: [(prefix, (span, item))] in order -> batches of at most `most` rows under the token budget."""
         batches, batch, widest = [], [], 0
         for row in rows:
-            if batch and not self._room(len(batch), max(widest, row[1][0])):
+            if batch and not self._room(len(batch), max(widest, row[1][0]), most):
                 batches.append(batch)
                 batch, widest = [], 0
             batch.append(row)
             widest = max(widest, row[1][0])
         return batches + [batch] if batch else batches
 
-    def _plan(self, groups: dict) -> list[list]:
-        """groups: {prefix: [(span, item)]}, span = tokens the item needs including its prefix.
+    def _plan(self, groups: dict, most: int) -> list[list]:
+        """groups: {prefix: [(span, item)]}, span = tokens the item needs (see _group).
 
         Each group is batched on its own, longest first, so that one prefix's KV is shared as views.
         The last, partly filled batch of every prefix group then goes to a pool that is batched
@@ -325,21 +335,22 @@ class Runner:
         """
         plan, pool = [], []
         for pre, members in groups.items():
-            batches = self._fill([(pre, m) for m in sorted(members, key=lambda m: -m[0])])
-            if pre and batches and self._room(len(batches[-1]), max(m[0] for _, m in batches[-1])):
+            batches = self._fill([(pre, m) for m in sorted(members, key=lambda m: -m[0])], most)
+            if pre and batches and self._room(len(batches[-1]), max(m[0] for _, m in batches[-1]), most):
                 pool.append(batches.pop())
             plan += batches
         pool.sort(key=lambda rows: len(rows[0][0]))  # stable: equal lengths keep group order
-        return plan + self._fill([row for rows in pool for row in rows])
+        # Rows of several prefixes get them copied into a stacked cache: there the prefix counts.
+        return plan + self._fill([(pre, (len(pre) + span, item)) for rows in pool for pre, (span, item) in rows], most)
 
-    def _execute(self, groups: dict, run):
-        """Runs every planned batch, yielding (items, run(items, cache, offsets)) per batch.
+    def _execute(self, groups: dict, run, most: int):
+        """Runs every planned batch (at most `most` rows), yielding (items, run(items, cache, offsets)) per batch.
 
         cache holds the rows' prefixes (None for the plain group), offsets their lengths. Each prefix
         is run once, batch 1, before its first batch and dropped after its last one. A batch that
         runs out of (CUDA) memory is split in halves and each half retried (counted in oom_splits).
         """
-        plan = self._plan(groups)
+        plan = self._plan(groups, most)
         last = {pre: i for i, batch in enumerate(plan) for pre, _ in batch}
         caches: dict[tuple[int, ...], object] = {}
         for i, batch in enumerate(plan):
@@ -478,7 +489,7 @@ class Runner:
         def run(batch, cache, offsets):
             return self._generate_batch([p for p, _ in batch], [requests[i] for _, i in batch], cache, offsets)
 
-        for batch, outs in self._execute(groups, run):
+        for batch, outs in self._execute(groups, run, self.generate_batch_size):
             done = {i: res for (_, i), res in zip(batch, outs)}
             self._store("generate", keys, {i: (r.text, r.tokens, r.finish) for i, r in done.items()})
             results.update(done)

@@ -206,8 +206,8 @@ def test_flex_attention_path_matches_transformers(tmp_path, family):
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_decoding_writes_into_spare_cache_slots_only(tmp_path, family, monkeypatch):
     """Short appends go into spare slots (reallocated every HEADROOM steps, kept across select), the
-    shared prefix an expanded cache views is never written, and every step's logits equal those of
-    the whole sequence run without a cache."""
+    shared prefix an expanded cache holds once is never copied or written, and every step's logits
+    equal those of the whole sequence run without a cache."""
     from evalsuite.model.gemma import KVCache
     monkeypatch.setattr(KVCache, "HEADROOM", 3)
     cfg = tiny_config(family)
@@ -235,26 +235,46 @@ def test_decoding_writes_into_spare_cache_slots_only(tmp_path, family, monkeypat
         want = full[:, j] if j < 15 else full[[0, 2], j]
         assert (logits - want).abs().max().item() <= TOL, j
     assert all(torch.equal(a, b) for a, b in zip(saved, prefix.k + prefix.v))
-    # Step 12 makes a buffer of 13 + 3 slots, filled in place by steps 13 and 14; select copies it
-    # with its last spare slot, filled by step 15; step 16 makes one of 17 + 3, filled by 17 to 19.
-    assert storage[0] == storage[1] == storage[2] != storage[3] != storage[4]
-    assert storage[4] == storage[5] == storage[6] == storage[7]
-    assert cache.k[0].shape[2] == 20
+    # The rows hold only their own 10 keys; the prefix stays the one-row cache it was.
+    assert cache.shared is prefix and len(cache) == 20 and cache.k[0].shape[2] == 10
+    # Step 13 makes a buffer of 4 + 3 slots, filled in place by step 14; select copies it with its
+    # spare slots, filled by steps 15 and 16; step 17 makes one of 8 + 3, filled by 18 and 19.
+    assert storage[0] != storage[1] == storage[2] != storage[3] == storage[4] != storage[5]
+    assert storage[5] == storage[6] == storage[7]
 
 
-def test_shared_prefix_cache_expands_to_many_continuations(tmp_path):
-    cfg = tiny_config("gemma3")
-    write_hf_checkpoint(cfg, tmp_path)
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_shared_prefix_is_attended_once_for_all_rows(tmp_path, family, monkeypatch):
+    """Rows continuing one shared prefix (left-padded, of unequal length, then decoding) against
+    transformers on each whole sequence. Blocks of 4 queries under the window of 7 make blocks that
+    see prefix and own keys, and blocks that see own keys only; the flex path agrees too."""
+    from evalsuite.model.gemma import AttentionMask
+    monkeypatch.setattr(AttentionMask, "QUERIES_PER_BLOCK", 4)
+    cfg = tiny_config(family)
+    hf = write_hf_checkpoint(cfg, tmp_path)
     ours, _ = load_hf_folder(tmp_path)
     ctx = _ids(1, 11, cfg.vocab_size, seed=5)
-    conts = _ids(3, 6, cfg.vocab_size, seed=6)
-    with torch.no_grad():
-        cache = ours.new_cache()
-        ours(ctx, cache=cache)
-        shared = ours(conts, cache=cache.expand(3))
-        for i in range(3):
-            alone = ours(torch.cat([ctx, conts[i:i + 1]], dim=1))[0, 11:]
-            assert (shared[i] - alone).abs().max().item() <= TOL
+    bodies = _ids(3, 12, cfg.vocab_size, seed=6)
+    lengths = [12, 5, 9]
+    valid = torch.arange(12)[None] >= 12 - torch.tensor(lengths)[:, None]  # left-padded
+    positions = (11 + valid.cumsum(1) - 1).clamp(min=0)
+    steps = _ids(3, 3, cfg.vocab_size, seed=7)
+    for attention in ("blocks", "flex"):
+        ours.attention = attention
+        with torch.no_grad():
+            prefix = ours.new_cache()
+            ours(ctx, cache=prefix, logits_at=torch.zeros(1, 11, dtype=torch.bool))
+            cache = prefix.expand(3)
+            got = [ours(bodies, positions=positions, valid=valid, cache=cache)]
+            for j in range(3):
+                got.append(ours(steps[:, j:j + 1], positions=positions[:, -1:] + 1 + j, cache=cache))
+            for i, n in enumerate(lengths):
+                seq = torch.cat([ctx, bodies[i:i + 1, 12 - n:], steps[i:i + 1]], dim=1)
+                ref = hf(seq).logits[0, 11:]
+                mine = torch.cat([got[0][i, 12 - n:]] + [g[i] for g in got[1:]])
+                assert (mine - ref).abs().max().item() <= TOL, (attention, i)
+        assert cache.k[0].shape[2] == 15  # own keys only: 12 body slots and 3 steps
 
 
 def test_logits_at_selects_positions(tmp_path):

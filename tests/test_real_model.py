@@ -67,7 +67,7 @@ def test_gsm8k_greedy_generations_match_transformers_generate(ours_270m, hf_270m
     from evalsuite.runner import Runner
     items, _ = tasks.build_items(tasks.load_spec("gsm8k"), limit=20)
     reqs = [it.requests[0] for it in items]
-    runner = Runner(ours_270m, batch_size=20, progress=False)
+    runner = Runner(ours_270m, generate_batch_size=20, progress=False)
     ours = runner.generate_until(reqs)
     assert sum(r.finish == "stop" for r in ours) >= 3  # the stop strings are exercised, not only the length cap
     seqs = [list(sum(runner.encode_context(q.context, q.shared_prefix), ())) for q in reqs]

@@ -107,8 +107,8 @@ def _gen_requests():
 
 def test_generation_same_whatever_the_batch_size_and_equal_to_single_greedy(ours):
     reqs = _gen_requests()
-    one = Runner(ours, batch_size=1, progress=False).generate_until(reqs)
-    many = Runner(ours, batch_size=16, progress=False).generate_until(reqs)
+    one = Runner(ours, generate_batch_size=1, progress=False).generate_until(reqs)
+    many = Runner(ours, generate_batch_size=16, progress=False).generate_until(reqs)
     assert [r.tokens for r in one] == [r.tokens for r in many] and [r.text for r in one] == [r.text for r in many]
     runner = Runner(ours, progress=False)
     for req, res in [(q, r) for q, r in zip(reqs, one) if q.temperature == 0]:
@@ -142,17 +142,17 @@ def test_small_few_shot_groups_share_batches_with_the_same_results(ours):
     prompts = _small_groups()
     gens = [Generation(p, stop=("\n\n",), max_tokens=8, shared_prefix=n) for p, n in prompts]
     lls = [Loglikelihood(p, c, shared_prefix=n) for p, n in prompts for c in (" 7", " blue")]
-    runner = Runner(ours, batch_size=4, progress=False)
+    runner = Runner(ours, generate_batch_size=4, progress=False)
     groups = runner._group([(*runner.encode_context(g.context, g.shared_prefix), g.max_tokens, i)
                             for i, g in enumerate(gens)])
-    plan = runner._plan(groups)
+    plan = runner._plan(groups, runner.generate_batch_size)
     # One full batch from the 5-question block, then its remainder and both small blocks pooled,
     # shortest prefix first (a stacked cache is as wide as its longest prefix).
     assert [len(b) for b in plan] == [4, 4, 1]
     pooled = [len(pre) for batch in plan[1:] for pre, _ in batch]
     assert len(set(pooled)) == 3 and pooled == sorted(pooled)
     got = runner.generate_until(gens)
-    alone = Runner(ours, batch_size=1, progress=False, share_prefix=False).generate_until(gens)
+    alone = Runner(ours, generate_batch_size=1, progress=False, share_prefix=False).generate_until(gens)
     assert [r.tokens for r in got] == [r.tokens for r in alone]
     # each block went through the network once, each question's own tokens once
     assert runner.tokens_forwarded == sum(len(pre) for pre in groups if pre) + sum(
@@ -161,6 +161,32 @@ def test_small_few_shot_groups_share_batches_with_the_same_results(ours):
     plain = Runner(ours, batch_size=1, progress=False, share_prefix=False).loglikelihood(lls)
     assert max(abs(a.logprob - b.logprob) for a, b in zip(shared, plain)) <= 1e-4
     assert [a.is_greedy for a in shared] == [b.is_greedy for b in plain]
+
+
+def test_token_budget_counts_a_shared_prefix_once(ours):
+    """Rows sharing a few-shot block hold its keys once, so the budget counts their own tokens only;
+    rows pooled across blocks get their block copied into a stacked cache, so there it counts."""
+    gens = [Generation(p, stop=("\n\n",), max_tokens=8, shared_prefix=n) for p, n in _small_groups()]
+    runner = Runner(ours, generate_batch_size=8, progress=False)
+    groups = runner._group([(*runner.encode_context(g.context, g.shared_prefix), g.max_tokens, i)
+                            for i, g in enumerate(gens)])
+    block = max(groups, key=len)  # the 5-question block
+    own = max(span for span, _ in groups[block])
+    assert len(block) > own
+    runner.token_budget = 5 * own  # room for the 5 rows' own tokens, not for 2 rows with the block
+    plan = runner._plan(groups, runner.generate_batch_size)
+    assert [len(b) for b in plan][0] == 5 and {pre for pre, _ in plan[0]} == {block}
+    own_spans = {item[1]: span for rows in groups.values() for span, item in rows}
+    pooled = [(pre, span, item) for batch in plan[1:] for pre, (span, item) in batch]
+    assert pooled and all(span == len(pre) + own_spans[item[1]] for pre, span, item in pooled)
+    assert all(len(b) * max(span for _, (span, _) in b) <= runner.token_budget for b in plan)
+
+
+def test_batch_sizes_must_be_positive_integers(ours):
+    for option in ("batch_size", "generate_batch_size", "token_budget"):
+        for bad in (0, -2, 1.5, "8"):
+            with pytest.raises(ValueError, match=f"^{option}={bad!r}: expected a positive integer"):
+                Runner(ours, progress=False, **{option: bad})
 
 
 def test_generation_matches_the_transformers_backend(ours, hf):
