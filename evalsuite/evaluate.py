@@ -152,8 +152,8 @@ def git_commit() -> str | None:
 
 
 def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=None, seed=1234,
-        batch_size=16, generate_batch_size=64, token_budget=16384, data_source="local", progress=True, chat=False, fewshot_sampler=None,
-        share_prefix=True, sampling: Sampling = Sampling(), execution: dict | None = None,
+        batch_size=16, generate_batch_size=64, token_budget=16384, data_source="local", progress=True, chat=False,
+        fewshot_sampler=None, share_prefix=True, sampling: Sampling = Sampling(), execution: dict | None = None,
         skipped: dict[str, str] | None = None, config: dict | None = None, cache: str = "off",
         cache_dir: str | Path | None = None, world: World = World()) -> dict:
     """model: a LoadedModel (our network) or a backend from evalsuite.backends.

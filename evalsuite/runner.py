@@ -14,9 +14,9 @@ Execution of log-likelihoods (backends with packing, i.e. ours):
   * a prefix used by several rows (a few-shot block) is run once, batch 1, and every batch of rows
     that starts with it shares its KV cache, held once (KVCache.expand);
   * rows are sorted by length, longest first, and batched under batch_size (generate_batch_size
-    when generating) and a token budget
-    (rows x row width; the prefix counts in the width only where rows of several prefixes share a
-    batch, which copies each row's prefix into a stacked cache);
+    when generating) and a token budget (rows x row width; the prefix counts in the width only
+    where rows of several prefixes share a batch, which copies each row's prefix into a stacked
+    cache);
   * the vocabulary-sized head runs only at positions that predict a continuation token, in chunks.
 Backends without packing (transformers) get one plain causal row per request.
 Results always come back in input order.
@@ -308,7 +308,8 @@ class Runner:
         return groups
 
     def _room(self, rows: int, widest: int, most: int) -> bool:
-        """Whether a batch of `rows` rows (at most `most`), the widest spanning `widest` tokens, may take one more row."""
+        """Whether a batch of `rows` rows (at most `most`), the widest spanning `widest` tokens, may
+        take one more row."""
         return rows < most and (rows + 1) * widest <= self.token_budget
 
     def _fill(self, rows, most: int) -> list[list]:
@@ -325,7 +326,7 @@ class Runner:
     def _plan(self, groups: dict, most: int) -> list[list]:
         """groups: {prefix: [(span, item)]}, span = tokens the item needs (see _group).
 
-        Each group is batched on its own, longest first, so that one prefix's KV is shared as views.
+        Each group is batched on its own, longest first, so that its batches share one prefix's KV.
         The last, partly filled batch of every prefix group then goes to a pool that is batched
         across prefixes (their caches are stacked): a task made of many small few-shot groups, such as
         BBH's 27 subtasks at a small limit, still runs in full batches. The pool is ordered by prefix

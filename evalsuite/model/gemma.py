@@ -226,9 +226,8 @@ class Attention(nn.Module):
             return x.new_zeros(0, x.shape[1])
         q = queries.unpack(q).transpose(1, 2)  # (b, nh, t, hd)
         if isinstance(mask, FlexMask):
-            if shared_k is not None:
-                k = torch.cat([shared_k.expand(b, -1, -1, -1), k], dim=2)
-                v = torch.cat([shared_v.expand(b, -1, -1, -1), v], dim=2)
+            if shared_k is not None:  # FlexAttention takes one key tensor per row: copy the prefix in
+                k, v = cache.full(layer)
             out = flex_attention(q, k, v, mask, self.scaling, self.cfg.attn_logit_softcap)
             return self.o(queries.pack(out.transpose(1, 2).reshape(b, t, nh * hd)))
         # Query head h uses kv head h // group (HF repeat_kv); group the queries instead of copying K/V.
