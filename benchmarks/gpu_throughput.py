@@ -11,8 +11,10 @@ Weights are random (normal, std 0.02; norm scales 1), so no checkpoint is needed
 depend on the values. Per preset and attention path ("blocks": AttentionMask, the default;
 "flex": FlexAttention, compiled on CUDA), it times one batched prefill of --batch prompts of
 --prompt tokens (the output head on the last position only, as when scoring or before decoding),
-then --decode greedy steps of one token per row on the KV cache. The first prefill and step are a
-warm-up (FlexAttention compiles there) and are not timed.
+then --decode greedy steps of one token per row on the KV cache, as the runner decodes
+(Gemma.decode_step; on CUDA replayed as a CUDA graph, captured at the first step of each batch,
+timed apart as first_decode_step_s). The first prefill and two steps are a warm-up (FlexAttention
+compiles there) and are not timed.
 
 MFU counts the model's useful FLOPs: 2 per weight per token for the layers' matmuls, the output
 head where it runs, and attention over the keys each query may see (causal; sliding layers: the
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from evalsuite.backends import DecodeGraph
 from evalsuite.model.config import SLIDING
 
 
@@ -92,25 +95,35 @@ def run_one(cfg, name: str, attention: str, args, device, dtype, peak: float) ->
     prompts = torch.randint(3, cfg.vocab_size, (b, t), generator=g).to(device)
     last = torch.zeros(b, t, dtype=torch.bool, device=device)
     last[:, -1] = True
-    one = torch.ones(b, 1, dtype=torch.bool, device=device)
     w, head = layer_matmul_params(cfg), cfg.hidden_size * cfg.vocab_size
     per_pair = 4 * cfg.num_heads * cfg.head_dim
 
     def prefill():
         cache = model.new_cache()
         logits = model(prompts, cache=cache, logits_at=last)
-        return cache, logits.argmax(-1)[:, None]
+        cache.reserve(steps + 1)
+        return cache, logits.argmax(-1)
 
-    def decode(cache, nxt, n):
-        for _ in range(n):
-            nxt = model(nxt, cache=cache, logits_at=one).argmax(-1)[:, None]
+    def decode(cache, nxt, first: int, n: int):
+        """n greedy steps as the runner decodes: Gemma.decode_step, replayed as a CUDA graph on CUDA
+        (unless --no-graphs): the first step of a cache runs eagerly and captures the graph."""
+        graph = None
+        for j in range(first, first + n):
+            pos = torch.full((b,), t + j, device=device)
+            if graph is not None:
+                h = graph.replay(nxt, pos)
+            elif device.type == "cuda" and args.graphs:
+                h, graph = DecodeGraph.capture(model, cache, nxt, pos)
+            else:
+                h = model.decode_step(nxt, pos, cache)
+            nxt = model.head(h).argmax(-1)
         return nxt
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
         cache, nxt = prefill()  # warm-up (and compilation)
-        decode(cache, nxt, 1)
+        decode(cache, nxt, 0, 2)
         del cache
         sync(device)
         t0 = time.perf_counter()
@@ -118,15 +131,20 @@ def run_one(cfg, name: str, attention: str, args, device, dtype, peak: float) ->
         sync(device)
         prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        decode(cache, nxt, steps)
+        nxt = decode(cache, nxt, 0, 1)  # the capture, on CUDA
+        sync(device)
+        first_step_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        decode(cache, nxt, 1, steps)
         sync(device)
         decode_s = time.perf_counter() - t0
     prefill_flops = b * (2 * w * t + 2 * head + per_pair * attention_pairs(cfg, 0, t))
-    decode_flops = b * (steps * (2 * w + 2 * head) + per_pair * attention_pairs(cfg, t, t + steps))
+    decode_flops = b * (steps * (2 * w + 2 * head) + per_pair * attention_pairs(cfg, t + 1, t + 1 + steps))
     row = {"preset": name, "layers": cfg.num_layers, "attention": attention, "device": str(device),
            "dtype": str(dtype).replace("torch.", ""), "batch": b, "prompt_tokens": t, "decode_steps": steps,
            "prefill_s": round(prefill_s, 4), "prefill_tokens_per_s": round(b * t / prefill_s, 1),
            "prefill_mfu": round(prefill_flops / prefill_s / peak, 4),
+           "first_decode_step_s": round(first_step_s, 4), "cuda_graphs": device.type == "cuda" and args.graphs,
            "decode_s": round(decode_s, 4), "decode_tokens_per_s": round(b * steps / decode_s, 1),
            "decode_mfu": round(decode_flops / decode_s / peak, 4), "matmul_peak_tflops": round(peak / 1e12, 2)}
     if device.type == "cuda":
@@ -146,6 +164,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--no-graphs", dest="graphs", action="store_false",
+                    help="decode eagerly on CUDA too (default: replay each step as a CUDA graph, as the runner does)")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers (a quick check)")
     ap.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (default 8192 GPU, 2048 CPU)")
     ap.add_argument("--out", type=Path, default=None)

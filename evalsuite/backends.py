@@ -14,12 +14,16 @@ A backend gives the runner
     head_cost            multiply-adds of `head` at one position over those of `hidden` per token
                          (1.7 for Gemma 3 270M, 0.1 for Gemma 2 9B): weighs the shares of torchrun ranks
     new_cache(), batch_cache(caches) (row r starts with the one-row caches[r]), select_cache(cache, rows)
+    start_decoding(cache, steps) -> cache ready for `steps` calls of decode(cache, ids, positions),
+                         each one token per row, ids and positions (b,), returning (b, hidden)
     describe() -> what results.json records about the model
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +42,12 @@ class OursBackend:
         self.stop_ids = tuple(i for i in (cfg.eos_token_id, cfg.end_of_turn_id) if i is not None)
         self.turn_ids = (cfg.start_of_turn_id, cfg.end_of_turn_id) if cfg.start_of_turn_id is not None else None
         self.max_length = cfg.max_position_embeddings
+        # Decoding on CUDA replays each batch's step as a CUDA graph (DecodeGraph): a step of a small
+        # batch is hundreds of short kernels, and launching them one by one from Python costs more
+        # than running them.
+        self.cuda_graphs = lm.device.type == "cuda"
+        # One graph per cache being decoded, gone with it (a graph holds memory of its own).
+        self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
     def device(self) -> torch.device:
@@ -67,12 +77,74 @@ class OursBackend:
     def select_cache(self, cache, rows: torch.Tensor):
         return cache.select(rows)
 
+    def start_decoding(self, cache, steps: int):
+        # Fixed-shape steps (Gemma.decode_step) attend to every reserved slot and, on sliding layers,
+        # to keys outside the window, all masked; `hidden` skips those. That pays only where the
+        # step is replayed as a graph: on 2 CPU cores, GSM8K 48 x 96 tokens took 29.2 s that way
+        # against 26.6 s through `hidden` (same tokens).
+        if self.cuda_graphs:
+            cache.reserve(steps)
+        return cache
+
+    def decode(self, cache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if cache.slot is None:  # not reserved: decoding through `hidden`, into spare cache slots
+            return self.hidden(ids[:, None], positions[:, None], torch.ones_like(ids, dtype=torch.bool)[:, None],
+                               cache=cache)[:, -1]
+        if not self.cuda_graphs:  # capture failed earlier: the reserved cache goes on eagerly
+            return self.lm.model.decode_step(ids, positions, cache)
+        graph = self._graphs.get(cache)
+        if graph is not None:
+            return graph.replay(ids, positions)
+        out, graph = DecodeGraph.capture(self.lm.model, cache, ids, positions)
+        if graph is None:
+            self.cuda_graphs = False
+        else:
+            self._graphs[cache] = graph
+        return out
+
     def describe(self) -> dict[str, Any]:
         lm = self.lm
         return {"backend": "ours", "source": lm.source, "family": lm.config.family,
                 "fingerprint_sha256": lm.fingerprint(), "weight_files": [str(f) for f in lm.weight_files],
                 "tokenizer": lm.tokenizer.kind, "dtype": str(lm.model.dtype), "device": str(lm.device),
                 "attention": lm.model.attention}
+
+
+class DecodeGraph:
+    """Gemma.decode_step captured once for one cache (its rows and slots) and replayed per step.
+
+    The step has fixed shapes and reads nothing back to the host (tests check both on CPU, where
+    graphs do not exist), and it updates the cache in place, so the replay of the captured kernels
+    is the step. Capturing does not run them: the step before the capture runs eagerly, on a side
+    stream as CUDA graphs need for their warm-up, and gives its result.
+    """
+
+    def __init__(self, graph, ids, positions, out):
+        self.graph, self.ids, self.positions, self.out = graph, ids, positions, out
+
+    @classmethod
+    def capture(cls, model, cache, ids, positions) -> tuple[torch.Tensor, "DecodeGraph | None"]:
+        """(this step's hidden states, the graph for the next steps, or None where capture failed)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = model.decode_step(ids, positions, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        static_ids, static_positions = ids.clone(), positions.clone()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                static_out = model.decode_step(static_ids, static_positions, cache)
+        except RuntimeError as e:
+            warnings.warn(f"CUDA graph capture of the decode step failed, decoding without graphs: {e}")
+            return out, None
+        return out, cls(graph, static_ids, static_positions, static_out)
+
+    def replay(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.out  # overwritten by the next replay: read before it
 
 
 @dataclass
@@ -176,6 +248,13 @@ class HFBackend:
 
     def batch_cache(self, caches):
         raise NotImplementedError("the transformers backend does not share KV between requests")
+
+    def start_decoding(self, cache, steps: int):
+        return cache
+
+    def decode(self, cache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.hidden(ids[:, None], positions[:, None], torch.ones_like(ids, dtype=torch.bool)[:, None],
+                           cache=cache)[:, -1]
 
     def select_cache(self, cache, rows: torch.Tensor):
         cache.past.batch_select_indices(rows)

@@ -516,6 +516,8 @@ class Runner:
         last[:, -1] = True  # prompts are left-padded: every row ends in the last column
         h = be.hidden(ids.to(dev), pos.to(dev), valid.to(dev), cache=cache, needed=last.to(dev))[:, -1]
         self.tokens_forwarded += int(valid.sum())
+        # The prompt's logits give the first token; every later one takes a decoding step.
+        cache = be.start_decoding(cache, max(q.max_tokens for q in reqs) - 1)
         active = list(range(b))  # original row of each live batch row
         out_tokens: list[list[int]] = [[] for _ in range(b)]
         done: list[GenerationResult | None] = [None] * b
@@ -539,10 +541,9 @@ class Runner:
                 cache = be.select_cache(cache, rows_t)
                 nxt = [nxt[j] for j in keep]
                 active = [active[j] for j in keep]
-            step_pos = next_pos[active][:, None]
+            step_pos = next_pos[active]
             next_pos[active] += 1
-            h = be.hidden(torch.tensor(nxt, device=dev)[:, None], step_pos.to(dev),
-                          torch.ones(len(active), 1, dtype=torch.bool, device=dev), cache=cache)[:, -1]
+            h = be.decode(cache, torch.tensor(nxt, device=dev), step_pos.to(dev))
         return done  # type: ignore[return-value]
 
     def _finished(self, toks: list[int], req: Generation) -> GenerationResult | None:

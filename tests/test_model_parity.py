@@ -243,6 +243,16 @@ def test_decoding_writes_into_spare_cache_slots_only(tmp_path, family, monkeypat
     assert storage[5] == storage[6] == storage[7]
 
 
+def _prefix_and_rows(cfg):
+    """An 11-token shared prefix and 3 rows continuing it, left-padded to 12 tokens, of 12, 5 and 9."""
+    ctx = _ids(1, 11, cfg.vocab_size, seed=5)
+    bodies = _ids(3, 12, cfg.vocab_size, seed=6)
+    lengths = [12, 5, 9]
+    valid = torch.arange(12)[None] >= 12 - torch.tensor(lengths)[:, None]  # left-padded
+    positions = (11 + valid.cumsum(1) - 1).clamp(min=0)
+    return ctx, bodies, lengths, valid, positions
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_shared_prefix_is_attended_once_for_all_rows(tmp_path, family, monkeypatch):
@@ -254,11 +264,7 @@ def test_shared_prefix_is_attended_once_for_all_rows(tmp_path, family, monkeypat
     cfg = tiny_config(family)
     hf = write_hf_checkpoint(cfg, tmp_path)
     ours, _ = load_hf_folder(tmp_path)
-    ctx = _ids(1, 11, cfg.vocab_size, seed=5)
-    bodies = _ids(3, 12, cfg.vocab_size, seed=6)
-    lengths = [12, 5, 9]
-    valid = torch.arange(12)[None] >= 12 - torch.tensor(lengths)[:, None]  # left-padded
-    positions = (11 + valid.cumsum(1) - 1).clamp(min=0)
+    ctx, bodies, lengths, valid, positions = _prefix_and_rows(cfg)
     steps = _ids(3, 3, cfg.vocab_size, seed=7)
     for attention in ("blocks", "flex"):
         ours.attention = attention
@@ -275,6 +281,65 @@ def test_shared_prefix_is_attended_once_for_all_rows(tmp_path, family, monkeypat
                 mine = torch.cat([got[0][i, 12 - n:]] + [g[i] for g in got[1:]])
                 assert (mine - ref).abs().max().item() <= TOL, (attention, i)
         assert cache.k[0].shape[2] == 15  # own keys only: 12 body slots and 3 steps
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_decode_step_matches_transformers(tmp_path, family):
+    """Decoding with fixed shapes (KVCache.reserve, Gemma.decode_step) after a shared prefix and
+    left-padded prompts of unequal length, past the sliding window and through a select (a row
+    finishes), against transformers on each whole sequence. Steps write in place into the slots the
+    rows reserved, and never into the prefix."""
+    cfg = tiny_config(family)
+    hf = write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    ctx, bodies, lengths, valid, positions = _prefix_and_rows(cfg)
+    steps = _ids(3, 4, cfg.vocab_size, seed=8)
+    got: dict[int, list] = {0: [], 1: [], 2: []}
+    with torch.no_grad():
+        prefix = ours.new_cache()
+        ours(ctx, cache=prefix, logits_at=torch.zeros(1, 11, dtype=torch.bool))
+        saved = [t.clone() for t in prefix.k + prefix.v]
+        cache = prefix.expand(3)
+        ours(bodies, positions=positions, valid=valid, cache=cache, logits_at=torch.zeros(3, 12, dtype=torch.bool))
+        cache.reserve(4)
+        rows = torch.arange(3)
+        for j in range(4):
+            if j == 2:  # row 1 finishes
+                rows = torch.tensor([0, 2])
+                cache = cache.select(rows)
+            storage = [t.untyped_storage().data_ptr() for t in cache.k + cache.v]
+            h = ours.decode_step(steps[rows, j], positions[rows, -1] + 1 + j, cache)
+            assert storage == [t.untyped_storage().data_ptr() for t in cache.k + cache.v]  # written in place
+            for r, logits in zip(rows.tolist(), ours.head(h)):
+                got[r].append(logits)
+        for i, n in enumerate(lengths):
+            k = len(got[i])
+            ref = hf(torch.cat([ctx, bodies[i:i + 1, 12 - n:], steps[i:i + 1, :k]], dim=1)).logits[0, -k:]
+            assert (torch.stack(got[i]) - ref).abs().max().item() <= TOL, i
+    assert all(torch.equal(a, b) for a, b in zip(saved, prefix.k + prefix.v))
+    assert cache.shared is prefix and cache.k[0].shape[2] == 12 + 4 and int(cache.slot) == 11 + 12 + 4
+
+
+def test_decode_step_traces_to_one_graph(tmp_path):
+    """What CUDA graph capture needs, checked on CPU: torch.compile(fullgraph=True) traces a step
+    without a break (a break is where a value is read back to the host), the next steps run the same
+    trace (fixed shapes, the slot moved on the device), and the results equal the eager step's."""
+    import torch._dynamo
+    cfg = tiny_config("gemma2")
+    write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    ids = _ids(2, 6, cfg.vocab_size, seed=3)
+    torch._dynamo.reset()
+    step = torch.compile(ours.decode_step, backend="eager", fullgraph=True)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        eager, traced = ours.new_cache(), ours.new_cache()
+        for cache in (eager, traced):
+            ours(ids, cache=cache)
+            cache.reserve(3)
+        for j in range(3):
+            tokens, pos = _ids(2, 1, cfg.vocab_size, seed=10 + j)[:, 0], torch.full((2,), 6 + j)
+            assert torch.equal(ours.decode_step(tokens, pos, eager), step(tokens, pos, traced)), j
+    torch._dynamo.reset()
 
 
 def test_logits_at_selects_positions(tmp_path):

@@ -3,7 +3,9 @@ the transformers backend, on a tiny random Gemma 2 that reads the real 256000-pi
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 
@@ -103,6 +105,41 @@ def _gen_requests():
             Generation("A", stop=("Question",), max_tokens=5),
             Generation("The list: one, two,", max_tokens=7, temperature=0.8, top_k=50, top_p=0.9, seed=7),
             Generation("The list: one, two,", max_tokens=7, temperature=0.8, top_p=0.5, seed=8)] + shared
+
+
+def test_graphed_decoding_captures_once_per_cache_and_falls_back(ours, monkeypatch):
+    """The CUDA graph bookkeeping, on CPU with a stand-in for capture: each cache being decoded is
+    captured once (its first step runs eagerly) and replayed at its later steps, its graph goes away
+    with it, and a failed capture turns graphs off while decoding goes on, with the same tokens."""
+    from evalsuite import backends
+    calls = {"capture": 0, "replay": 0}
+
+    class Replayed:  # replays by running the step eagerly; holds its cache weakly, as the real one does not hold it
+        def __init__(self, model, cache):
+            self.model, self.cache = model, weakref.ref(cache)
+
+        def replay(self, ids, positions):
+            calls["replay"] += 1
+            return self.model.decode_step(ids, positions, self.cache())
+
+    def capture(model, cache, ids, positions):
+        calls["capture"] += 1
+        return model.decode_step(ids, positions, cache), Replayed(model, cache)
+
+    reqs = _gen_requests()
+    want = [r.tokens for r in Runner(ours, progress=False).generate_until(reqs)]
+    monkeypatch.setattr(backends.DecodeGraph, "capture", staticmethod(capture))
+    graphed = backends.OursBackend(ours)
+    graphed.cuda_graphs = True
+    assert [r.tokens for r in Runner(graphed, generate_batch_size=4, progress=False).generate_until(reqs)] == want
+    # Batches of 4 rows, a new cache whenever a row finishes: several captures, most steps replayed.
+    assert calls["capture"] >= 2 and calls["replay"] > calls["capture"]
+    gc.collect()
+    assert len(graphed._graphs) == 0
+    monkeypatch.setattr(backends.DecodeGraph, "capture",
+                        staticmethod(lambda model, cache, ids, positions: (model.decode_step(ids, positions, cache), None)))
+    assert [r.tokens for r in Runner(graphed, progress=False).generate_until(reqs)] == want
+    assert graphed.cuda_graphs is False
 
 
 def test_generation_same_whatever_the_batch_size_and_equal_to_single_greedy(ours):

@@ -66,6 +66,14 @@ class Tokens:
         self.index = None if bool(valid.all()) else valid.flatten().nonzero().squeeze(1)
         self.padding = None  # the complement of index, made when first needed
 
+    @classmethod
+    def dense(cls, b: int, t: int, device) -> "Tokens":
+        """A batch without padding, known as such without reading `valid` back (decode_step)."""
+        tokens = cls.__new__(cls)
+        tokens.b, tokens.t, tokens.index, tokens.padding = b, t, None, None
+        tokens.valid = torch.ones(b, t, dtype=torch.bool, device=device)
+        return tokens
+
     def subset(self, keep: torch.Tensor) -> "Tokens":
         """The same (b, t) layout with only some of these tokens real: keep indexes the packed ones."""
         flat = keep if self.index is None else self.index[keep]
@@ -143,6 +151,16 @@ class AttentionMask:
                 part = allowed[r0:r1, q0:q0 + m, k0:k1]
                 additive = torch.zeros(part.shape, dtype=dtype, device=part.device).masked_fill_(~part, neg)
                 self.blocks.append((r0, r1, q0, q0 + m, k0, k1, additive))
+
+    @classmethod
+    def whole(cls, allowed: torch.Tensor, dtype: torch.dtype) -> "AttentionMask":
+        """One block over every row, query and key slot: fixed shapes, and nothing read back to the
+        host (decode_step)."""
+        b, t, s = allowed.shape
+        mask = cls.__new__(cls)
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        mask.blocks = [(0, b, 0, t, 0, s, additive.masked_fill_(~allowed, torch.finfo(dtype).min))]
+        return mask
 
 
 class FlexMask:
@@ -327,6 +345,10 @@ class KVCache:
     of a larger buffer that this cache owns, grown by HEADROOM slots at a time. Appending by
     concatenation would copy the whole cache at every step. Long appends (a prompt, scored
     continuations) get an exact-size tensor: they come once, and spare slots would only hold memory.
+
+    `reserve(n)` fixes the shapes instead, for Gemma.decode_step: n zeroed slots, invalid until a
+    step writes them, and every step writes one slot in place at a device-side index (`slot`), so
+    that a step reads nothing back to the host and can be captured in a CUDA graph and replayed.
     """
 
     HEADROOM = 64  # spare slots per reallocation for appends of up to SHORT tokens
@@ -342,6 +364,7 @@ class KVCache:
         self.shared: KVCache | None = None  # see expand
         self.positions: torch.Tensor | None = None  # (b, s) long, shared prefix included
         self.valid: torch.Tensor | None = None  # (b, s) bool
+        self.slot: torch.Tensor | None = None  # after reserve: (1,) the slot the next step writes
 
     def __len__(self) -> int:
         return 0 if self.positions is None else self.positions.shape[1]
@@ -357,6 +380,11 @@ class KVCache:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Adds one forward's keys and values (b, nkv, t, hd); returns the rows' own keys and values
         so far (without the shared prefix)."""
+        if self.slot is not None:  # reserved: one step, written in place (own slots follow the shared ones)
+            own = self.slot - (self.positions.shape[1] - self.k[layer].shape[2])
+            self.k[layer].index_copy_(2, own, k)
+            self.v[layer].index_copy_(2, own, v)
+            return self.k[layer], self.v[layer]
         old_k, old_v, t = self.k[layer], self.v[layer], k.shape[2]
         if old_k is None:
             self.k[layer], self.v[layer] = k, v
@@ -371,6 +399,25 @@ class KVCache:
         buffers[0][:, :, s:s + t], buffers[1][:, :, s:s + t] = k, v
         self.k[layer], self.v[layer] = buffers[0][:, :, :s + t], buffers[1][:, :, :s + t]
         return self.k[layer], self.v[layer]
+
+    def reserve(self, n: int) -> None:
+        """Fixed shapes for n more one-token steps (see the class docstring); the cache must hold
+        each row's own keys (a prompt was run)."""
+        if self.k[0] is None or self.slot is not None:
+            raise ValueError("reserve needs a cache holding a prompt, reserved once")
+        b = self.positions.shape[0]
+        self.slot = torch.tensor([self.positions.shape[1]], device=self.positions.device)
+        self.positions = torch.cat([self.positions, self.positions.new_zeros(b, n)], dim=1)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(b, n)], dim=1)
+        for i, (k, v) in enumerate(zip(self.k, self.v)):
+            # Zeros, not empty memory: a masked slot still enters q @ k, and NaN there would spread.
+            self.k[i], self.v[i] = (torch.cat([t, t.new_zeros(*t.shape[:2], n, t.shape[3])], dim=2) for t in (k, v))
+            self._buffers[i] = None
+
+    def write_step(self, positions: torch.Tensor) -> None:
+        """A reserved cache: the step's positions (b,) at `slot`, now valid."""
+        self.positions.index_copy_(1, self.slot, positions[:, None])
+        self.valid.index_fill_(1, self.slot, True)
 
     def full(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's keys and values (b, nkv, s, hd), the shared prefix copied in."""
@@ -419,6 +466,7 @@ class KVCache:
         """Keep only the given batch rows (e.g. drop finished sequences during decoding)."""
         out = KVCache(len(self.k))
         out.shared = self.shared
+        out.slot = None if self.slot is None else self.slot.clone()
         for i, (k, v, buffers) in enumerate(zip(self.k, self.v, self._buffers)):
             if k is None:
                 continue
@@ -462,19 +510,36 @@ class Gemma(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (n, 1, hd) for n positions
 
-    def _masks(self, q_pos, q_valid, k_pos, k_valid, attend, needed, dtype):
-        """{layer kind: mask} and the last layer's mask, which has only the `needed` queries; masks
-        are AttentionMask or FlexMask as `self.attention` says."""
+    def _visible(self, q_pos, k_pos, real, attend=None) -> dict:
+        """{layer kind: (b, t, s) bool}, which keys each query sees; real: both tokens are real."""
         # Query i sees key j iff both are real tokens and j is at a position <= i (causal by
         # position), and on sliding layers also i - j < sliding_window: the token itself plus W-1
         # earlier ones (HF masking_utils.sliding_window_overlay: kv_idx > q_idx - W). Padding queries
         # see nothing, so attention skips them (their outputs are never read).
-        dist = q_pos[:, :, None] - k_pos[:, None, :]  # (b, t, s)
-        allowed = {GLOBAL: k_valid[:, None, :] & q_valid[:, :, None] & (dist >= 0)}
+        dist = q_pos[:, :, None] - k_pos[:, None, :]
+        allowed = {GLOBAL: real & (dist >= 0)}
         if attend is not None:
             allowed[GLOBAL] &= attend
         if SLIDING in self.cfg.layer_types:
             allowed[SLIDING] = allowed[GLOBAL] & (dist < self.cfg.sliding_window)
+        return allowed
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        # sqrt(hidden) as an fp32 tensor cast to the weight dtype (HF Gemma3TextScaledWordEmbedding):
+        # in bf16 the constant itself is rounded, e.g. 59.87 -> 59.75 for Gemma 2 9B.
+        return self.embed(ids) * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=torch.float32).to(self.dtype)
+
+    def _ropes(self, positions: torch.Tensor, dtype: torch.dtype) -> dict:
+        """{layer kind: (cos, sin)} for positions (n,)."""
+        rope = {GLOBAL: self._rope(positions, self.inv_freq_global, dtype)}
+        if SLIDING in self.cfg.layer_types:
+            rope[SLIDING] = self._rope(positions, self.inv_freq_local, dtype)
+        return rope
+
+    def _masks(self, q_pos, q_valid, k_pos, k_valid, attend, needed, dtype):
+        """{layer kind: mask} and the last layer's mask, which has only the `needed` queries; masks
+        are AttentionMask or FlexMask as `self.attention` says."""
+        allowed = self._visible(q_pos, k_pos, k_valid[:, None, :] & q_valid[:, :, None], attend)
         if self.attention not in ("blocks", "flex"):
             raise ValueError(f"Gemma.attention={self.attention!r}: expected 'blocks' or 'flex'")
         make = (lambda a: FlexMask(a)) if self.attention == "flex" else (lambda a: AttentionMask(a, dtype))
@@ -537,15 +602,9 @@ class Gemma(nn.Module):
             k_pos, k_valid = positions, valid
 
         tokens = Tokens(valid)
-        h = self.embed(tokens.pack(input_ids))  # (n, hidden): real tokens only, see Tokens
-        # sqrt(hidden) as an fp32 tensor cast to the weight dtype (HF Gemma3TextScaledWordEmbedding):
-        # in bf16 the constant itself is rounded, e.g. 59.87 -> 59.75 for Gemma 2 9B.
-        h = h * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=torch.float32).to(h.dtype)
+        h = self._embed(tokens.pack(input_ids))  # (n, hidden): real tokens only, see Tokens
         masks, last_mask = self._masks(positions, valid, k_pos, k_valid, attend, needed, h.dtype)
-        real_positions = tokens.pack(positions)
-        rope = {GLOBAL: self._rope(real_positions, self.inv_freq_global, h.dtype)}
-        if SLIDING in self.cfg.layer_types:
-            rope[SLIDING] = self._rope(real_positions, self.inv_freq_local, h.dtype)
+        rope = self._ropes(tokens.pack(positions), h.dtype)
         # Whether the embeddings and each layer's output are finite, kept on the device (no sync): read
         # only when the logits turn out non-finite, to say where NaN/inf first appeared.
         keep, out = None, tokens
@@ -563,6 +622,30 @@ class Gemma(nn.Module):
             finite.append(torch.isfinite(h).all())
         self.last_finite = torch.stack(finite)
         return out.unpack(h)
+
+    def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row, ids and positions (b,), after a cache reserved with KVCache.reserve;
+        returns the final hidden states (b, hidden) and moves the cache's slot on.
+
+        The same network as `hidden` with fixed shapes and nothing read back to the host: each row's
+        query sees every slot of the cache, masked where invalid, later or outside the window (one
+        AttentionMask block), so a step can be captured once and replayed as a CUDA graph. Masked
+        slots get softmax weight exactly 0, as in `hidden`; only the summation order may differ.
+        """
+        b = ids.shape[0]
+        cache.write_step(positions)
+        h = self._embed(ids)
+        allowed = self._visible(positions[:, None], cache.positions, cache.valid[:, None, :])
+        masks = {kind: AttentionMask.whole(a, h.dtype) for kind, a in allowed.items()}
+        rope = self._ropes(positions, h.dtype)
+        tokens = Tokens.dense(b, 1, ids.device)
+        finite = [torch.isfinite(h).all()]
+        for i, (block, kind) in enumerate(zip(self.layers, self.cfg.layer_types)):
+            h = block(h, *rope[kind], masks[kind], cache, i, tokens)
+            finite.append(torch.isfinite(h).all())
+        self.last_finite = torch.stack(finite)
+        cache.slot += 1
+        return h
 
     def nonfinite_origin(self) -> str | None:
         """Where the last `hidden` call first produced NaN/inf: 'the embeddings', 'layer i (kind)', or None."""
