@@ -30,6 +30,7 @@ what the cache holds, so the ranks always agree on who computes what.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -106,11 +107,32 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
     return context, continuation
 
 
+def keep_freed_memory() -> bool:
+    """Lets glibc's malloc reuse freed memory for large blocks instead of returning it to the kernel;
+    False where the C library is not glibc (nothing is changed there).
+
+    By default each block above the mmap threshold (128 kB, raised as blocks are freed, up to 32 MB)
+    is mapped fresh from the kernel and unmapped when freed, so a forward's every large intermediate
+    (a norm's output, a GELU's) is page-faulted and zeroed anew: on 2 cores an RMSNorm over 8192 x
+    640 took 11.9 ms that way and 2.8 ms from reused memory, a GELU over 8192 x 2048 27.8 ms and
+    14.5 ms, and scoring 30 MMLU items 18.6 s and 15.0 s. The cost: the process holds on to its peak
+    heap until it exits.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 class Runner:
     def __init__(self, model, batch_size: int = 16, token_budget: int = 16384, head_chunk: int = 256,
                  progress: bool = True, share_prefix: bool = True, max_length: int = 8192, cache=None,
                  world: World = World(), generate_batch_size: int = 64):
         self.backend = as_backend(model)
+        if self.backend.device.type == "cpu":
+            keep_freed_memory()
         self.world = world
         self.cache = cache  # a ResultCache, or None
         self.from_cache = 0  # requests answered by the cache

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import gc
 import json
+import platform
 import weakref
 
 import pytest
+import torch
 
 from evalsuite.backends import HFBackend
 from evalsuite.model import load_model
@@ -243,6 +245,7 @@ def test_stop_string_spanning_tokens_truncates_text():
 
     class Fake:
         tokenizer, stop_ids, packing, max_length, turn_ids = Tok(), (1,), True, 100, None
+        device = torch.device("cpu")
 
     runner = Runner(Fake(), progress=False)
     req = Generation("", stop=("\n\n",), max_tokens=10)
@@ -339,3 +342,9 @@ def test_code_tasks_run_their_programs_in_the_sandbox(ours, tmp_path):
     res = evaluate.run(ours, ["humaneval"], tmp_path / "none", limit=1, progress=False, execution={"sandbox": "none"})
     assert res["tasks"]["humaneval"]["execution"]["sandbox"] == "none"
     assert any("WITHOUT a sandbox" in d for d in res["tasks"]["humaneval"]["deviations"])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_glibc_accepts_the_malloc_settings():
+    from evalsuite.runner import keep_freed_memory
+    assert keep_freed_memory() is True
