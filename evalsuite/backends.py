@@ -56,8 +56,8 @@ class OursBackend:
     def hidden(self, ids, positions, valid, cache=None, attend=None, needed=None):
         return self.lm.model.hidden(ids, positions=positions, valid=valid, cache=cache, attend=attend, needed=needed)
 
-    def head(self, h):
-        return self.lm.model.head(h)
+    def head(self, h, out=None):
+        return self.lm.model.head(h, out=out)
 
     def nonfinite_origin(self) -> str | None:
         return self.lm.model.nonfinite_origin()
@@ -228,11 +228,11 @@ class HFBackend:
             cache.past, cache.valid = out.past_key_values, mask
         return out.last_hidden_state
 
-    def head(self, h):
+    def head(self, h, out=None):
         logits = self.model.get_output_embeddings()(h)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return logits if out is None else out.copy_(logits)
 
     def nonfinite_origin(self) -> str | None:
         return None  # not traced inside transformers

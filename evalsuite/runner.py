@@ -153,6 +153,7 @@ class Runner:
         self.tokens_generated = 0
         self.gather_seconds = 0.0  # torchrun: time spent waiting for the other ranks' results
         self._enc: dict[tuple[str, bool], tuple[int, ...]] = {}
+        self._logits_block: torch.Tensor | None = None  # see _head_logits
 
     # ---- tokenization -------------------------------------------------------------------------
     def _encode(self, text: str, bos: bool = False) -> tuple[int, ...]:
@@ -464,15 +465,17 @@ class Runner:
         lp_all = torch.empty(len(toks), dtype=torch.float32, device=dev)
         greedy_all = torch.empty(len(toks), dtype=torch.bool, device=dev)
         # The head runs once per selected position (the context's last position is shared by all
-        # choices), in chunks to bound the (chunk, vocab) fp32 logits. Only two passes over the
-        # logits (logsumexp, max); log p(token) = logit - logsumexp, greedy = logit equals the max.
+        # choices), in chunks to bound the (chunk, vocab) fp32 logits. log p(token) = logit -
+        # logsumexp, greedy = logit equals the max; the logsumexp is computed in place (as
+        # torch.logsumexp does it, without its two chunk-sized temporaries).
         for start in range(0, sel.shape[0], self.head_chunk):
-            logits = self.backend.head(sel[start:start + self.head_chunk]).float()
-            lse, top = torch.logsumexp(logits, dim=-1), logits.amax(dim=-1)
-            self._check_finite(lse)  # NaN or +inf anywhere in a row makes its logsumexp non-finite
+            logits = self._head_logits(sel[start:start + self.head_chunk])
             mine = (rows_idx_t >= start) & (rows_idx_t < start + self.head_chunk)
             local, tk = rows_idx_t[mine] - start, toks_t[mine]
             picked = logits[local, tk]
+            top = logits.amax(dim=-1)
+            lse = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_().add_(top)
+            self._check_finite(lse)  # NaN or inf anywhere in a row makes its logsumexp non-finite
             lp_all[mine] = picked - lse[local]
             greedy_all[mine] = picked >= top[local]
         lp_all, greedy_all = lp_all.cpu(), greedy_all.cpu()
@@ -484,6 +487,20 @@ class Runner:
             out[key] = (float(lp_all[k:k + m].sum()), bool(greedy_all[k:k + m].all()), m)
             k += m
         return out
+
+    def _head_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of `rows` (at most head_chunk hidden states) that the caller may overwrite.
+
+        They go into one (head_chunk, vocab) block kept for the runner's life: allocated afresh for
+        every chunk, Gemma 3's 268 MB blocks of varying row counts fragmented malloc's heap, whose
+        peak then varied from run to run by up to 1 GB.
+        """
+        buf = self._logits_block
+        fits = buf is not None and buf.shape[0] >= rows.shape[0] and buf.device == rows.device
+        logits = self.backend.head(rows, out=buf[:rows.shape[0]] if fits else None)
+        if not fits and rows.shape[0] == self.head_chunk:
+            self._logits_block = logits
+        return logits.float()  # bf16 models: a fp32 copy
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -71,6 +71,17 @@ def test_packed_and_shared_scoring_equals_each_sequence_alone(ours):
         assert abs(res.logprob - float(lp[-len(cont):].sum())) <= 1e-4 and res.num_tokens == len(cont)
 
 
+def test_head_chunks_written_into_one_reused_block_score_the_same(ours, hf):
+    reqs = _requests()
+    whole = Runner(ours, progress=False).loglikelihood(reqs)
+    for model in (ours, hf):
+        runner = Runner(model, batch_size=3, head_chunk=5, progress=False)
+        chunked = runner.loglikelihood(reqs)  # full chunks of 5 rows and shorter last ones
+        assert runner._logits_block is not None and runner._logits_block.shape[0] == 5
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(whole, chunked)) <= 1e-4
+        assert [a.is_greedy for a in whole] == [b.is_greedy for b in chunked]
+
+
 def test_transformers_backend_scores_the_same(ours, hf):
     reqs = _requests()
     a = Runner(ours, progress=False).loglikelihood(reqs)

@@ -655,10 +655,17 @@ class Gemma(nn.Module):
         first = int((~flags.cpu()).nonzero()[0])
         return "the embeddings" if first == 0 else f"layer {first - 1} ({self.cfg.layer_types[first - 1]})"
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Output norm, tied head and final soft-cap for hidden states of any leading shape."""
-        logits = F.linear(self.final_norm(h), self.embed.weight)  # tied output head
+    def head(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Output norm, tied head and final soft-cap for hidden states of any leading shape.
+
+        `out`: a (n, vocab) tensor to write the logits into, for (n, hidden) states.
+        """
+        normed = self.final_norm(h)
+        if out is None:
+            logits = F.linear(normed, self.embed.weight)  # tied output head
+        else:
+            logits = torch.mm(normed, self.embed.weight.t(), out=out)
         cap = self.cfg.final_logit_softcap
-        if cap is not None:  # Gemma 2: 30.0
-            logits = torch.tanh(logits / cap) * cap
+        if cap is not None:  # Gemma 2: 30.0; in place, the logits being ours
+            logits.div_(cap).tanh_().mul_(cap)
         return logits
