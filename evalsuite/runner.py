@@ -495,10 +495,9 @@ class Runner:
         every chunk, Gemma 3's 268 MB blocks of varying row counts fragmented malloc's heap, whose
         peak then varied from run to run by up to 1 GB.
         """
-        buf = self._logits_block
-        fits = buf is not None and buf.shape[0] >= rows.shape[0] and buf.device == rows.device
-        logits = self.backend.head(rows, out=buf[:rows.shape[0]] if fits else None)
-        if not fits and rows.shape[0] == self.head_chunk:
+        buf = self._logits_block  # head_chunk rows, the most a chunk has
+        logits = self.backend.head(rows, out=None if buf is None else buf[:rows.shape[0]])
+        if buf is None and rows.shape[0] == self.head_chunk:
             self._logits_block = logits
         return logits.float()  # bf16 models: a fp32 copy
 

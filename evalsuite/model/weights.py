@@ -246,13 +246,14 @@ def _dequantize_rows(data: np.ndarray, qtype, block_rows: int = 8192) -> np.ndar
     671 MB result, which made loading, not scoring, set the process's peak memory.
     """
     from gguf import dequantize
-    if data.ndim < 2 or data.shape[0] <= block_rows:
+    if data.ndim < 2:  # rows of a quantized tensor are its unit; a 1-D array is converted whole
         return np.array(dequantize(data, qtype), dtype=np.float32)  # a copy: F32 maps read-only
-    first = np.asarray(dequantize(data[:block_rows], qtype), dtype=np.float32)
-    out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
-    out[:block_rows] = first
-    for start in range(block_rows, data.shape[0], block_rows):
-        out[start:start + block_rows] = dequantize(data[start:start + block_rows], qtype)
+    out = None
+    for start in range(0, data.shape[0], block_rows):
+        part = dequantize(data[start:start + block_rows], qtype)
+        if out is None:  # the first block gives the dequantized row length
+            out = np.empty((data.shape[0], *part.shape[1:]), dtype=np.float32)
+        out[start:start + len(part)] = part
     return out
 
 
