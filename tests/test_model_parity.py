@@ -129,6 +129,31 @@ def test_query_blocks_see_only_their_key_span(tmp_path, family, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_power_of_two_scaling_goes_on_the_queries_bit_exactly(tmp_path, family):
+    """query_pre_attn_scalar 16 (scaling 1/4; the real models' 256 gives 1/16): the queries are scaled
+    instead of the scores. Logits match transformers and equal, bit for bit, those of scaling the scores."""
+    from evalsuite.model.config import GLOBAL
+    from evalsuite.model.gemma import Attention
+    cfg = tiny_config(family, query_pre_attn_scalar=16)
+    hf = write_hf_checkpoint(cfg, tmp_path)
+    ours, _ = load_hf_folder(tmp_path)
+    assert all(block.attn.prescale for block in ours.layers)
+    lengths = [40, 17]
+    ids = _ids(2, 40, cfg.vocab_size, seed=21)
+    valid = torch.arange(40)[None] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        got = ours(ids, valid=valid)
+        for i, n in enumerate(lengths):
+            assert (got[i, :n] - hf(ids[i:i + 1, :n]).logits[0]).abs().max().item() <= TOL
+        for block in ours.layers:
+            block.attn.prescale = False
+        scores_scaled = ours(ids, valid=valid)
+    assert torch.equal(got[valid], scores_scaled[valid])
+    # The other tests' scalar (20) is not a power of two: they keep scaling the scores.
+    assert not Attention(tiny_config(family), GLOBAL).prescale
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_rows_with_different_key_spans_attend_apart(tmp_path, family, monkeypatch):
     """Two rows continuing prefixes of 30 and 8 tokens (stacked: the shorter one left-padded by 22
     slots) attend in separate row runs, each over its own key span; logits still match transformers."""

@@ -36,7 +36,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).type_as(x)
+        return out.mul_(self.weight.float()).type_as(x)  # in place: `out` is a new tensor
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling_factor: float = 1.0) -> torch.Tensor:
@@ -53,6 +53,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[..., :half], sin[..., :half]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def all_finite(x: torch.Tensor) -> torch.Tensor:
+    """Whether x holds no NaN/inf, as a device-side bool: any NaN or inf in x makes its sum NaN or
+    inf, and a sum of finite activations does not reach float32's 3.4e38. One reduction pass, not
+    the four passes of isfinite(x).all()."""
+    return torch.isfinite(x.sum())
 
 
 class Tokens:
@@ -217,6 +224,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         # A Python float, as HF uses it: query_pre_attn_scalar ** -0.5 multiplies the scores.
         self.scaling = cfg.query_pre_attn_scalar ** -0.5
+        # Where it is a power of two (1/16 for query_pre_attn_scalar 256: Gemma 2 2B/9B, Gemma 3 up to
+        # 12B) scaling the queries instead gives the same scores bit for bit (only the exponent moves)
+        # and costs a pass over (tokens, heads, head_dim) instead of one over the larger scores.
+        self.prescale = math.frexp(self.scaling)[0] == 0.5
 
     def forward(self, x, cos, sin, mask: "AttentionMask", cache: "KVCache | None", layer: int,
                 tokens: Tokens, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -242,6 +253,9 @@ class Attention(nn.Module):
                 shared_k, shared_v = cache.shared.k[layer], cache.shared.v[layer]
         if q.shape[0] == 0:  # nothing queries (a prefix whose keys and values are all that is needed)
             return x.new_zeros(0, x.shape[1])
+        prescaled = self.prescale and not isinstance(mask, FlexMask)
+        if prescaled:
+            q = q.mul_(self.scaling)
         q = queries.unpack(q).transpose(1, 2)  # (b, nh, t, hd)
         if isinstance(mask, FlexMask):
             if shared_k is not None:  # FlexAttention takes one key tensor per row: copy the prefix in
@@ -252,9 +266,10 @@ class Attention(nn.Module):
         group = nh // nkv
         # Key slots [0, P) are the shared prefix, [P, s) each row's own keys (slot P + j is own key j).
         P = 0 if shared_k is None else shared_k.shape[2]
+        # Every real query sees at least itself, so the blocks cover it; what they leave unwritten is
+        # padding, which `pack` never reads (no need to zero a padded layout that can be half padding).
+        # Allocated once the first block's scores are freed: it then reuses their memory on CPU.
         out = None
-        if len(mask.blocks) != 1 or mask.blocks[0][:4] != (0, b, 0, t):  # queries no block covers: padding
-            out = q.new_zeros(b, nkv, group, t, hd)
         for r0, r1, q0, q1, k0, k1, additive in mask.blocks:
             rows, m, span = r1 - r0, q1 - q0, k1 - k0
             qg = q[r0:r1, :, q0:q1].reshape(rows, nkv, group * m, hd)
@@ -268,7 +283,9 @@ class Attention(nn.Module):
                              .view(nkv, rows, group * m, n_shared).transpose(0, 1))
             if n_shared < span:
                 parts.append(torch.matmul(qg, k[r0:r1, :, k0 + n_shared - P:k1 - P].transpose(2, 3)))
-            scores = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).mul_(self.scaling)
+            scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            if not prescaled:
+                scores = scores.mul_(self.scaling)
             cap = self.cfg.attn_logit_softcap
             if cap is not None:  # Gemma 2: divide, tanh, multiply, BEFORE the mask (a masked -inf would become -cap)
                 scores = scores.div_(cap).tanh_().mul_(cap)
@@ -282,13 +299,11 @@ class Attention(nn.Module):
                 from_shared = torch.matmul(p_all, shared_v[0, :, k0:k0 + n_shared])
                 from_shared = from_shared.view(nkv, rows, group * m, hd).transpose(0, 1)
                 part = from_shared if part is None else part.add_(from_shared)
-            part = part.reshape(rows, nkv, group, m, hd)
+            del scores, probs, parts
             if out is None:
-                out = part
-            else:
-                out[r0:r1, :, :, q0:q1] = part
-        out = out.view(b, nh, t, hd).transpose(1, 2).reshape(b, t, nh * hd)
-        return self.o(queries.pack(out))
+                out = q.new_empty(b, t, nkv, group, hd)
+            out[r0:r1, q0:q1] = part.reshape(rows, nkv, group, m, hd).permute(0, 3, 1, 2, 4)
+        return self.o(queries.pack(out.view(b, t, nh * hd)))
 
 
 class MLP(nn.Module):
@@ -300,7 +315,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         # GeGLU with the tanh GELU ("gelu_pytorch_tanh" = F.gelu(approximate="tanh"), not a hand formula).
-        return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+        # The product in place, into the GELU's output: one large intermediate fewer per layer.
+        return self.down(F.gelu(self.gate(x), approximate="tanh").mul_(self.up(x)))
 
 
 class Block(nn.Module):
@@ -611,7 +627,7 @@ class Gemma(nn.Module):
         if needed is not None:
             keep = tokens.pack(needed).nonzero().squeeze(1)
             out = tokens.subset(keep)
-        finite = [torch.isfinite(h).all()]
+        finite = [all_finite(h)]
         last = len(self.layers) - 1
         for i, (block, kind) in enumerate(zip(self.layers, self.cfg.layer_types)):
             cos, sin = rope[kind]
@@ -619,7 +635,7 @@ class Gemma(nn.Module):
                 h = block(h, cos, sin, last_mask, cache, i, tokens, keep)
             else:
                 h = block(h, cos, sin, masks[kind], cache, i, tokens)
-            finite.append(torch.isfinite(h).all())
+            finite.append(all_finite(h))
         self.last_finite = torch.stack(finite)
         return out.unpack(h)
 
@@ -639,10 +655,10 @@ class Gemma(nn.Module):
         masks = {kind: AttentionMask.whole(a, h.dtype) for kind, a in allowed.items()}
         rope = self._ropes(positions, h.dtype)
         tokens = Tokens.dense(b, 1, ids.device)
-        finite = [torch.isfinite(h).all()]
+        finite = [all_finite(h)]
         for i, (block, kind) in enumerate(zip(self.layers, self.cfg.layer_types)):
             h = block(h, *rope[kind], masks[kind], cache, i, tokens)
-            finite.append(torch.isfinite(h).all())
+            finite.append(all_finite(h))
         self.last_finite = torch.stack(finite)
         cache.slot += 1
         return h
