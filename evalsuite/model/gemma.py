@@ -268,7 +268,7 @@ class Attention(nn.Module):
         P = 0 if shared_k is None else shared_k.shape[2]
         # Every real query sees at least itself, so the blocks cover it; what they leave unwritten is
         # padding, which `pack` never reads (no need to zero a padded layout that can be half padding).
-        # Allocated once the first block's scores are freed: it then reuses their memory on CPU.
+        # Allocated after the first block's scores and probabilities are freed: never live with them.
         out = None
         for r0, r1, q0, q1, k0, k1, additive in mask.blocks:
             rows, m, span = r1 - r0, q1 - q0, k1 - k0
