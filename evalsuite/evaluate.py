@@ -16,7 +16,7 @@ from . import metrics, scorers, tasks
 from .backends import as_backend
 from .cache import ResultCache, model_key
 from .distributed import World, fingerprint
-from .execution import SANDBOXES, Limits, SandboxError, interpreter, require_sandbox, run_all
+from .execution import SANDBOXES, Limits, SandboxError, containment, interpreter, require_sandbox, run_all
 from .runner import Generation, Runner, TooLong
 
 # Rows of the Gemma 2 paper's table that exist as tasks so far.
@@ -229,8 +229,8 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
         t_exec = time.perf_counter()
         outs = run_all(list(programs.values()), limits, sandbox=sandbox, workers=workers, progress=progress)
         outcomes = dict(zip(programs, outs))
-        exec_info = {"sandbox": sandbox, "limits": dataclasses.asdict(limits), "python": interpreter()[0],
-                     "programs": len(outs), "seconds": time.perf_counter() - t_exec,
+        exec_info = {"sandbox": sandbox, "limits": dataclasses.asdict(limits), "python": interpreter(),
+                     "containment": containment(), "programs": len(outs), "seconds": time.perf_counter() - t_exec,
                      "statuses": {st: sum(o.status == st for o in outs) for st in sorted({o.status for o in outs})}}
     k = g = 0  # next unread result of each request type
     report: dict[str, Any] = {}
@@ -238,18 +238,24 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
         generate = spec["kind"] == "generate"
         metric_names = sampling.metric_names(spec) if generate else spec["metrics"]
         per_metric: dict[str, list[float]] = {m: [] for m in metric_names}
+        scored_items, unscored = [], []  # unscored: items with a sample the harness could not execute
         with open(out_dir / f"samples_{name}.jsonl", "w") as fh:
             for it in items:
                 if generate:
                     res_all = gen_results[g:g + sampling.n]
                     outs = [outcomes[j] for j in range(g, g + sampling.n)] if g in outcomes else None
                     g += sampling.n
-                    got, per_sample, answers = sampling.score(spec, res_all, it.doc, outs)
                     res = res_all[0]
+                    if outs is not None and any(o.status == "error" for o in outs):
+                        got, per_sample, answers = None, None, None  # never a zero: the program was not judged
+                        unscored.append(it.index)
+                    else:
+                        got, per_sample, answers = sampling.score(spec, res_all, it.doc, outs)
                     record = {"index": it.index, "prompt": it.prompt, "generation": res.text, "finish": res.finish,
                               "num_tokens": len(res.tokens), "target": it.gold, "scores": got}
                     if outs is not None:
-                        execs = [{"status": o.status, "detail": o.detail, "seconds": round(o.seconds, 3)} for o in outs]
+                        execs = [{"status": o.status, "detail": o.detail, "seconds": round(o.seconds, 3),
+                                  "output_bytes": o.output_bytes, "memory_peak_mb": o.memory_peak_mb} for o in outs]
                         record["execution"] = execs if sampling.n > 1 else execs[0]
                     if sampling.n > 1:
                         record.update(generation=[r.text for r in res_all], finish=[r.finish for r in res_all],
@@ -265,8 +271,10 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
                               "logprobs": lps, "is_greedy": [r.is_greedy for r in res],
                               "num_tokens": [r.num_tokens for r in res],
                               "predictions": {m: preds[m] for m in spec["metrics"]}}
-                for m in metric_names:
-                    per_metric[m].append(got[m])
+                if got is not None:
+                    scored_items.append(it)
+                    for m in metric_names:
+                        per_metric[m].append(got[m])
                 record.update(fewshot_indices=it.fewshot_indices, doc=it.doc)
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         scores, groups = {}, {}
@@ -274,7 +282,7 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
         for m, vals in per_metric.items():
             if macro_by:  # mean of the subtask means; stderr from the subtasks' independent stderrs
                 by: dict[str, list[float]] = {}
-                for it, v in zip(items, vals):
+                for it, v in zip(scored_items, vals):
                     by.setdefault(str(it.doc[macro_by]), []).append(v)
                 sub = {g: metrics.mean_stderr(v) for g, v in by.items()}
                 for group, (mean, se) in sub.items():
@@ -287,12 +295,21 @@ def run(model, task_names: list[str], out_dir: Path, *, limit=None, num_fewshot=
             scores[m] = {"value": mean, "stderr": se}
         report[name] = {"paper_row": spec["paper_row"], "version": spec["version"],
                         "primary": sampling.primary(spec) if generate else spec["primary"],
-                        "metrics": scores, "num_items": len(items), **prov}
+                        "metrics": scores, "num_items": len(scored_items), **prov}
+        if unscored:
+            report[name]["unscored_items"] = unscored
+            report[name]["deviations"] = [*report[name]["deviations"], f"{len(unscored)} items not scored: the "
+                                          "harness could not execute their programs (status error in the samples "
+                                          "file); rerun to execute them again"]
         if generate and hasattr(scorers.SCORERS[spec["scorer"]], "PROGRAM"):
             report[name]["execution"] = exec_info
             if exec_info and exec_info["sandbox"] == "none":
                 report[name]["deviations"] = [*report[name]["deviations"], "generated code ran WITHOUT a sandbox "
-                                              "(execution.sandbox=none): rlimits and timeout only"]
+                                              "(execution.sandbox=none): rlimits, cgroup and timeout only"]
+            if exec_info and exec_info["containment"]["cgroup"] is None:
+                report[name]["deviations"] = [*report[name]["deviations"], "no cgroup for the sandboxes ("
+                                              f"{exec_info['containment']['why_no_cgroup']}); bounds: "
+                                              f"{exec_info['containment']['bounds']}"]
         if generate and not sampling.default:
             report[name]["sampling"] = dataclasses.asdict(sampling)
             report[name]["deviations"] = [*report[name]["deviations"], f"decoding changed from the task's setting: "

@@ -7,10 +7,15 @@ answer that the metric compares: with several samples per prompt, maj@n votes on
 
 from __future__ import annotations
 
+import ast
+import builtins
 import itertools
 import re
 import string
+import warnings
 from typing import Any, Callable
+
+from .execution import Program
 
 INVALID = "[invalid]"  # the answer of a generation from which nothing could be extracted
 CONTINUOUS = {"f1"}  # metrics that are not pass/fail (no pass@k for them)
@@ -229,17 +234,33 @@ def math(text: str, doc: dict[str, Any]) -> dict[str, float]:
 math.METRICS = ("exact_match",)  # type: ignore[attr-defined]
 math.ANSWER = lambda text: {"exact_match": math_extract(text)}  # type: ignore[attr-defined]
 
-# Code (HumanEval, MBPP): a scorer's PROGRAM(text, doc) is the program that tests the completion;
-# evaluate runs them all in the sandbox (evalsuite.execution) and the scorer reads the outcome.
-def humaneval_program(completion: str, doc: dict[str, Any]) -> str:
-    """The prompt (signature and docstring), the completed body, the unit tests and the call of them."""
-    return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+# Code (HumanEval, MBPP): a scorer's PROGRAM(text, doc) is the sample to execute: the candidate's
+# code for the sandbox and the task's tests for the judge (evalsuite.execution); the scorer reads the
+# verdict.
+def humaneval_program(completion: str, doc: dict[str, Any]) -> Program:
+    """The prompt (signature, docstring, helpers) with the completed body runs in the sandbox; the
+    judge runs the prompt too (its helpers, e.g. poly() or encode_cyclic(), are what the tests call:
+    the candidate's copies could be rewritten), then check(<entry point>) against the candidate's."""
+    return Program(candidate=doc["prompt"] + completion, prelude=doc["prompt"], remote=(doc["entry_point"],),
+                   test=f"{doc['test']}\n\ncheck({doc['entry_point']})\n")
 
 
-def mbpp_program(code: str, doc: dict[str, Any]) -> str:
-    """The generated code, the item's setup code (the one item that has any builds objects of a class
-    the solution defines), then its three asserts."""
-    return "\n".join([code, doc["test_setup_code"], *doc["test_list"]]) + "\n"
+def mbpp_program(code: str, doc: dict[str, Any]) -> Program:
+    """The generated code runs in the sandbox, followed by the item's setup code (the one item that
+    has any builds objects of a class the solution defines: its names are passed by reference); the
+    judge runs the three asserts. The names they call that the candidate provides: every non-builtin
+    name, and builtins that the reference solution redefines (MBPP 126 defines sum)."""
+    test = "\n".join(doc["test_list"]) + "\n"
+    setup = doc["test_setup_code"]
+    refs = {t.id for node in ast.parse(setup).body if isinstance(node, ast.Assign) for t in node.targets
+            if isinstance(t, ast.Name)}
+    called = {n.id for n in ast.walk(ast.parse(test)) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    with warnings.catch_warnings():  # invalid escape sequences in some reference solutions
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        reference = {n.name for n in ast.parse(doc["code"]).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    remote = (called - set(dir(builtins)) - refs) | (called & reference)
+    return Program(candidate=code, test=test, remote=tuple(sorted(remote)), setup=setup, refs=tuple(sorted(refs)))
 
 
 def _code_scorer(program: Callable[[str, dict[str, Any]], str]):
