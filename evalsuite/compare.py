@@ -48,7 +48,8 @@ def item_scores(run: dict, task: str) -> dict[int, float]:
         for n, line in enumerate(fh, 1):
             rec = json.loads(line)
             if "scores" in rec:
-                out[rec["index"]] = float(rec["scores"][primary])
+                if rec["scores"] is not None:  # None: not scored (its program could not be executed)
+                    out[rec["index"]] = float(rec["scores"][primary])
             elif "predictions" in rec:
                 out[rec["index"]] = float(rec["predictions"][primary] == rec["gold"])
             else:

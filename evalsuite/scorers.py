@@ -12,6 +12,7 @@ import builtins
 import itertools
 import re
 import string
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -258,9 +259,18 @@ def mbpp_program(code: str, doc: dict[str, Any]) -> Program:
     with warnings.catch_warnings():  # invalid escape sequences in some reference solutions
         warnings.simplefilter("ignore", SyntaxWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        reference = {n.name for n in ast.parse(doc["code"]).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    remote = (called - set(dir(builtins)) - refs) | (called & reference)
-    return Program(candidate=code, test=test, remote=tuple(sorted(remote)), setup=setup, refs=tuple(sorted(refs)))
+        tree = ast.parse(doc["code"])
+    functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    # A module the asserts use that the solution imported (MBPP 596: sys.getsizeof): the judge imports its own.
+    modules = sorted((called & sys.stdlib_module_names) - functions - classes)
+    remote = (called - set(dir(builtins)) - refs - set(modules)) | (called & functions)
+    unjudgeable = ""
+    if called & classes:  # MBPP 601: the asserts build objects of the solution's class Pair
+        unjudgeable = (f"the tests construct objects of the solution's class {', '.join(sorted(called & classes))}, "
+                       "which cannot cross to the judge as plain data; this item cannot be judged")
+    return Program(candidate=code, test=test, remote=tuple(sorted(remote)), setup=setup, refs=tuple(sorted(refs)),
+                   prelude="".join(f"import {m}\n" for m in modules), unjudgeable=unjudgeable)
 
 
 def _code_scorer(program: Callable[[str, dict[str, Any]], str]):

@@ -355,6 +355,24 @@ def test_code_tasks_run_their_programs_in_the_sandbox(ours, tmp_path):
     assert any("WITHOUT a sandbox" in d for d in res["tasks"]["humaneval"]["deviations"])
 
 
+def test_a_sample_the_harness_could_not_execute_is_not_scored(ours, tmp_path, monkeypatch):
+    from evalsuite import compare, evaluate, execution, report
+
+    def run_all(programs, *args, **kwargs):  # the machinery fails for the first program only
+        return [execution.ExecResult("error", "the harness could not run this sample: OSError: planted")] + \
+            [execution.ExecResult("failed", "AssertionError") for _ in programs[1:]]
+    monkeypatch.setattr(evaluate, "run_all", run_all)
+    res = evaluate.run(ours, ["humaneval"], tmp_path, limit=3, progress=False, execution={"sandbox": "none"})
+    t = res["tasks"]["humaneval"]
+    assert t["num_items"] == 2 and t["unscored_items"] == [0] and t["metrics"]["pass@1"]["value"] == 0.0
+    assert any("1 items not scored" in d for d in t["deviations"])
+    recs = [json.loads(line) for line in (tmp_path / "samples_humaneval.jsonl").read_text().splitlines()]
+    assert recs[0]["scores"] is None and recs[0]["execution"]["status"] == "error"
+    assert sorted(compare.item_scores({**res, "_dir": str(tmp_path)}, "humaneval")) == [1, 2]  # only scored items pair
+    assert "not scored" in (tmp_path / "report.html").read_text()
+    report.write([tmp_path])
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_glibc_accepts_the_malloc_settings():
     from evalsuite.runner import keep_freed_memory

@@ -2,9 +2,10 @@
 in the sandbox): calls and their results as plain data, one JSON message per line.
 
 Plain data is None, bool, int, float, complex, str, bytes, list, tuple, dict, set and frozenset,
-nested. Everything but lists is tagged, so the decoder builds exactly the Python type that was sent,
+nested, and those types themselves. Everything but lists is tagged, so the decoder builds exactly the Python type that was sent,
 and a JSON object is never a value of its own: {"tuple": [...]}, {"set": [...]}, {"frozenset": [...]},
-{"dict": [[key, value], ...]} (keys of any plain hashable type), {"complex": [re, im]}, {"bytes": hex}.
+{"dict": [[key, value], ...]} (keys of any plain hashable type), {"complex": [re, im]}, {"bytes": hex},
+and the builtin types themselves by name, {"type": "int"}.
 The judge decodes what the candidate sends into fresh builtin objects: nothing of the candidate's
 (no class, no __eq__, no reference) reaches the test code.
 
@@ -53,10 +54,14 @@ def encode(obj, depth=0):
         return {"complex": [obj.real, obj.imag]}
     if isinstance(obj, (bytes, bytearray)):
         return {"bytes": bytes(obj).hex()}
+    if isinstance(obj, type) and TYPES.get(obj.__name__) is obj:
+        return {"type": obj.__name__}
     raise TypeError(f"a value of type {type(obj).__name__} is not plain data")
 
 
 _DECODERS = {"tuple": tuple, "set": set, "frozenset": frozenset}
+# Builtin types travel by name (MBPP 533 passes int and str to the function).
+TYPES = {t.__name__: t for t in (bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset)}
 
 
 def decode(value):
@@ -77,6 +82,8 @@ def decode(value):
             return complex(body[0], body[1])
         if tag == "bytes" and type(body) is str:
             return bytes.fromhex(body)
+        if tag == "type" and type(body) is str and body in TYPES:
+            return TYPES[body]
     except (TypeError, ValueError) as e:  # an unhashable key or set member, bad hex
         raise ChannelError(f"malformed {tag}: {e}") from None
     raise ChannelError(f"malformed value (tag {tag[:40]!r})")

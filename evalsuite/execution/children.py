@@ -34,6 +34,6 @@ def _sources(*names: str) -> list[tuple[str, str]]:
 
 
 def command(python: str, module: str, *args: str) -> list[str]:
-    """`python -I -S -c BOOT args...` running `module`'s main(args), with channel.py beside it."""
-    needs = ["channel", module] if module in ("judge", "candidate") else [module]
+    """`python -I -S -c BOOT args...` running `module`'s main(args), with the modules it imports."""
+    needs = {"judge": ["channel", "judge"], "init": ["channel", "candidate", "init"]}[module]
     return [python, "-I", "-S", "-c", f"SOURCES = {_sources(*needs)!r}\n{_BOOT}", *map(str, args)]

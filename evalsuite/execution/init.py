@@ -1,4 +1,4 @@
-"""PID 1 of the sandbox (bubblewrap --as-pid-1): starts the candidate under its limits, reaps every
+"""PID 1 of the sandbox (bubblewrap --as-pid-1): forks the candidate under its limits, reaps every
 process of the PID namespace, and when the candidate ends, kills and reaps all the others and exits.
 (With execution.sandbox=none it is not PID 1 and only starts, limits and waits.)
 
@@ -14,6 +14,10 @@ import ctypes
 import os
 import resource
 import signal
+import sys
+import traceback
+
+from . import candidate
 
 PR_SET_DUMPABLE = 4
 
@@ -29,18 +33,24 @@ def set_limits(cpu_s: int, memory: int, processes: int, file_size: int) -> None:
 
 
 def main(argv: list) -> None:
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         os.write(2, b"sandbox init: prctl(PR_SET_DUMPABLE) failed\n")
         os._exit(125)
-    cpu_s, memory, processes, file_size = (int(a) for a in argv[:4])
-    command = argv[4:]
+    cpu_s, memory, processes, file_size, requests, answers = (int(a) for a in argv[:6])
     child = os.fork()
-    if child == 0:
+    if child == 0:  # the candidate: this interpreter, forked (one start-up less than an exec)
+        code = 126
         try:
+            libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # nothing of init's is left to protect here
             set_limits(cpu_s, memory, processes, file_size)
-            os.execv(command[0], command)
+            candidate.main([requests, answers])
+            code = 0
+        except BaseException:
+            traceback.print_exc()
         finally:
-            os._exit(126)
+            sys.stdout.flush()
+            os._exit(code)
     status = None
     while status is None:  # reap orphans until the candidate itself ends
         pid, st = os.wait()

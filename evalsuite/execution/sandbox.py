@@ -62,6 +62,7 @@ class Program:
     prelude: str = ""               # trusted code run in the judge before the test (HumanEval's prompt: helpers)
     setup: str = ""                 # trusted code run after the candidate, on its side (objects of its classes)
     refs: tuple[str, ...] = ()      # names `setup` binds, passed to calls by name
+    unjudgeable: str = ""           # why these tests cannot be run against a candidate in another process
 
 
 @dataclass
@@ -152,11 +153,9 @@ def _prepare(uid: int, cgroup: Sample | None, oom_score: int = 1000):
 
 
 def _candidate_command(limits: Limits, sandbox: str, requests: int, answers: int) -> list[str]:
-    exe = interpreter()
-    inner = children.command(exe, "candidate", requests, answers)
-    inner.insert(1, "-u")  # unbuffered: what a program printed before it was killed is not lost
-    init = children.command(exe, "init", limits.cpu_s, limits.memory_mb << 20, limits.processes,
-                            limits.file_size_mb << 20, *inner)
+    init = children.command(interpreter(), "init", limits.cpu_s, limits.memory_mb << 20, limits.processes,
+                            limits.file_size_mb << 20, requests, answers)
+    init.insert(1, "-u")  # unbuffered: what a program printed before it was killed is not lost
     return init if sandbox == "none" else ["bwrap", *bwrap_args(limits), "--", *init]
 
 
@@ -248,6 +247,8 @@ def reap_orphans() -> None:
 
 def run_one(program: Program, limits: Limits = Limits(), sandbox: str = "bwrap", uid: int = 61000,
             cgroups: Cgroups | None = None) -> ExecResult:
+    if program.unjudgeable:  # the harness cannot judge it: an error, never a failure of the candidate
+        return ExecResult("error", program.unjudgeable)
     t0 = time.monotonic()
     requests_r, requests_w = os.pipe()
     answers_r, answers_w = os.pipe()
