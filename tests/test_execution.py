@@ -74,6 +74,8 @@ def test_result_says_why_a_program_failed():
     assert r.status == "killed" and "segmentation fault" in r.detail
     r = run_one(sample("def f(x):\n    return lambda: x\n"), FAST)
     assert r.status == "failed" and "not plain data" in r.detail and "function" in r.detail
+    r = run_one(sample(RIGHT, "assert True\n"), FAST)  # tests that never call the program judge nothing
+    assert (r.status, r.detail) == ("error", "the tests made no call to the program")
     # Plain data of every kind crosses as the same builtin value.
     value = "(1, 2.5, -0.0, 'é\\n', b'\\x00', None, True, [1], {(1, 2): {3}}, frozenset({4}), 3+4j, 10**400)"
     assert run_one(sample(f"def f(x):\n    return {value}\n", f"assert f(0) == {value}\n"), FAST).passed
@@ -308,6 +310,19 @@ def test_a_lone_surrogate_fails_its_own_sample_only():
     results = run_all([sample("s = '\ud800'\n" + RIGHT), sample(RIGHT), sample("def f(x):\n    return '\udcff'\n")], FAST)
     assert [r.status for r in results] == ["failed", "passed", "failed"]
     assert "surrogates not allowed" in results[0].detail
+
+
+def test_a_failure_of_the_machinery_is_that_samples_error(monkeypatch):
+    real, calls = execution.sandbox._start, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("planted")
+        return real(*args)
+    monkeypatch.setattr(execution.sandbox, "_start", flaky)
+    results = run_all([sample(RIGHT), sample(RIGHT)], FAST, workers=1)
+    assert [r.status for r in results] == ["error", "passed"] and "OSError: planted" in results[0].detail
 
 
 @pytest.fixture

@@ -29,9 +29,9 @@ class CallFailed(BaseException):
     """A call the candidate did not answer properly. BaseException: a test's `except Exception`
     must not turn a dead or cheating candidate into a pass."""
 
-    def __init__(self, status: str, detail: str):
+    def __init__(self, status: str, detail: str, ended: bool = False):
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.ended = status, detail, ended  # ended: the program's process did
 
 
 class CandidateError(Exception):
@@ -58,7 +58,7 @@ class Candidate:
         except TimeoutError:
             self.failure = CallFailed("timeout", f"no answer to {what} within the time limit")
         except EOFError:
-            self.failure = CallFailed("failed", f"the program ended before answering {what}")
+            self.failure = CallFailed("failed", f"the program ended before answering {what}", ended=True)
         except channel.ChannelError as e:
             self.failure = CallFailed("failed", f"the answer to {what} is not a valid message: {e}")
         raise self.failure
@@ -90,7 +90,7 @@ class Candidate:
         try:
             channel.write_message(self.requests, message)
         except BrokenPipeError:
-            self.failure = CallFailed("failed", f"the program ended before {what}")
+            self.failure = CallFailed("failed", f"the program ended before {what}", ended=True)
             raise self.failure from None
         reply = self._receive(what)
         if reply.get("id") != self.calls:
@@ -134,7 +134,7 @@ def judge(spec: dict, requests_fd: int, answers_fd: int) -> dict:
         finally:
             sys.stdout = stdout
     except CallFailed as e:
-        return {"status": e.status, "detail": e.detail, "calls": candidate.calls}
+        return {"status": e.status, "detail": e.detail, "calls": candidate.calls, "ended": e.ended}
     except Exception as e:
         line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == "test.py"]
         where = f" (test line {line[-1]})" if line else ""
@@ -144,7 +144,10 @@ def judge(spec: dict, requests_fd: int, answers_fd: int) -> dict:
             text = type(e).__name__
         return {"status": "failed", "detail": f"{text[:500]}{where}", "calls": candidate.calls}
     if candidate.failure:  # the test swallowed a broken call (a bare except)
-        return {"status": candidate.failure.status, "detail": candidate.failure.detail, "calls": candidate.calls}
+        failure = candidate.failure
+        return {"status": failure.status, "detail": failure.detail, "calls": candidate.calls, "ended": failure.ended}
+    if candidate.calls == 0:  # a test that never called the program says nothing of it
+        return {"status": "error", "detail": "the tests made no call to the program", "calls": 0, "ended": False}
     return {"status": "passed", "detail": "", "calls": candidate.calls}
 
 

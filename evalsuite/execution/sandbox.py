@@ -134,16 +134,17 @@ def bwrap_args(limits: Limits) -> list[str]:
     return [*args, "--remount-ro", "/"]  # the sandbox's root is an unsized tmpfs: nothing may be written there
 
 
-def _prepare(uid: int, cgroup: Sample | None, oom_score: int = 1000):
+def _prepare(uid: int, cgroup: Sample | None, oom_score: int | None = 1000):
     """preexec_fn: into the sample's cgroup, first in line for the OOM killer, as root down to an
     unprivileged uid of our own (the kernel applies no process limit to root, and one uid per worker
     keeps one sample's processes from counting against another's), killed if the harness dies."""
     def prepare():
         if cgroup is not None:
             cgroup.enter()
-        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-        os.write(fd, str(oom_score).encode())
-        os.close(fd)
+        if oom_score is not None:
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            os.write(fd, str(oom_score).encode())
+            os.close(fd)
         if os.geteuid() == 0:
             os.setgroups([])
             os.setgid(uid)
@@ -250,73 +251,17 @@ def run_one(program: Program, limits: Limits = Limits(), sandbox: str = "bwrap",
     if program.unjudgeable:  # the harness cannot judge it: an error, never a failure of the candidate
         return ExecResult("error", program.unjudgeable)
     t0 = time.monotonic()
-    requests_r, requests_w = os.pipe()
-    answers_r, answers_w = os.pipe()
-    out_r, out_w = os.pipe()
     sample = cgroups.create(limits.memory_mb << 20, limits.processes + 2, limits.cpus) if cgroups else None
-    candidate = judge = None
     try:
-        candidate = _spawn(_candidate_command(limits, sandbox, requests_r, answers_w), stdin=subprocess.DEVNULL,
-                           stdout=out_w, stderr=out_w, pass_fds=(requests_r, answers_w), env=ENV, cwd="/",
-                           start_new_session=True, preexec_fn=_prepare(uid, sample))
-        judge = _spawn(children.command(interpreter(), "judge", requests_w, answers_r), stdin=subprocess.PIPE,
-                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, pass_fds=(requests_w, answers_r),
-                       env=ENV, cwd="/", start_new_session=True, preexec_fn=_prepare(uid + 1000, None, 0))
-    except BaseException:
-        for proc in (candidate, judge):
-            if proc is not None:
-                _kill(proc)
-        raise
-    finally:
-        for fd in (requests_r, requests_w, answers_r, answers_w, out_w):
-            os.close(fd)
-        if candidate is None or judge is None:
-            os.close(out_r)
-            if sample:
-                sample.remove()
-    try:
-        spec = {"program": program.candidate, "setup": program.setup, "prelude": program.prelude, "test": program.test,
-                "remote": list(program.remote), "refs": list(program.refs), "timeout_s": limits.timeout_s}
+        candidate, judge, out_r = _start(limits, sandbox, uid, sample)
         try:
-            judge.stdin.write(json.dumps(spec).encode())  # ASCII: a lone surrogate travels escaped
-            judge.stdin.close()
-        except BrokenPipeError:
-            pass  # the judge died at once; it gives no verdict, which is an error below
-        output, verdict, timed_out, too_much = Output(), bytearray(), False, False
-        deadline = t0 + limits.timeout_s + 2  # the judge keeps its own deadline; this one is for a stuck judge
-        open_fds = {out_r, judge.stdout.fileno()}
-        while judge.stdout.fileno() in open_fds:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                timed_out = True
-                break
-            for fd in select.select(list(open_fds), [], [], left)[0]:
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    open_fds.discard(fd)
-                elif fd == out_r:
-                    output.add(chunk)
-                    if output.total > limits.file_size_mb << 20 and not too_much:
-                        too_much = True
-                        _stop(candidate, sandbox == "bwrap")  # the judge then sees the program end
-                elif len(verdict) < 1 << 16:
-                    verdict += chunk
-        judged = _parse(verdict) if not timed_out else None
-        if judged and judged["status"] == "failed" and "ended" in judged["detail"]:
-            try:  # the program ended by itself: wait for its status, which says how
-                candidate.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                pass
-        rc = candidate.poll()
-        _stop(candidate, sandbox == "bwrap")
-        _kill(judge)
-        while out_r in open_fds and select.select([out_r], [], [], 0)[0]:  # what is left in the pipe
-            chunk = os.read(out_r, 1 << 16)
-            if not chunk:
-                break
-            output.add(chunk)
+            judged, rc, output, timed_out, too_much = _watch(program, limits, sandbox, candidate, judge, out_r, t0)
+        finally:  # on every path: nothing of the sample outlives it
+            _stop(candidate, sandbox == "bwrap")
+            _kill(judge)
+            judge.stdout.close()
+            os.close(out_r)
     finally:
-        os.close(out_r)
         peak = sample.memory_peak() if sample else None
         oom = sample.oom_killed() if sample else False
         if sample:
@@ -326,6 +271,75 @@ def run_one(program: Program, limits: Limits = Limits(), sandbox: str = "bwrap",
     result.seconds, result.output, result.output_bytes = time.monotonic() - t0, output.text(), output.total
     result.memory_peak_mb = round(peak / 2**20, 1) if peak is not None else None
     return result
+
+
+def _start(limits: Limits, sandbox: str, uid: int, sample: Sample | None):
+    """The sandbox and the judge, joined by the channel's two pipes; the program's output pipe."""
+    requests_r, requests_w = os.pipe()
+    answers_r, answers_w = os.pipe()
+    out_r, out_w = os.pipe()
+    candidate = None
+    try:
+        candidate = _spawn(_candidate_command(limits, sandbox, requests_r, answers_w), stdin=subprocess.DEVNULL,
+                           stdout=out_w, stderr=out_w, pass_fds=(requests_r, answers_w), env=ENV, cwd="/",
+                           start_new_session=True, preexec_fn=_prepare(uid, sample))
+        judge = _spawn(children.command(interpreter(), "judge", requests_w, answers_r), stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, pass_fds=(requests_w, answers_r),
+                       env=ENV, cwd="/", start_new_session=True, preexec_fn=_prepare(uid + 1000, None, None))
+    except BaseException:
+        if candidate is not None:
+            _stop(candidate, sandbox == "bwrap")
+        os.close(out_r)
+        raise
+    finally:  # the children hold their own copies
+        for fd in (requests_r, requests_w, answers_r, answers_w, out_w):
+            os.close(fd)
+    return candidate, judge, out_r
+
+
+def _watch(program: Program, limits: Limits, sandbox: str, candidate: subprocess.Popen, judge: subprocess.Popen,
+           out_r: int, t0: float):
+    """Give the judge its tests, drain the program's output, wait for the verdict (or the time limit)."""
+    spec = {"program": program.candidate, "setup": program.setup, "prelude": program.prelude, "test": program.test,
+            "remote": list(program.remote), "refs": list(program.refs), "timeout_s": limits.timeout_s}
+    try:
+        judge.stdin.write(json.dumps(spec).encode())  # ASCII: a lone surrogate travels escaped
+        judge.stdin.close()
+    except BrokenPipeError:
+        pass  # the judge died at once; it gives no verdict, which is an error
+    output, verdict, timed_out, too_much = Output(), bytearray(), False, False
+    deadline = t0 + limits.timeout_s + 2  # the judge keeps its own deadline; this one is for a stuck judge
+    open_fds = {out_r, judge.stdout.fileno()}
+    while judge.stdout.fileno() in open_fds:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            break
+        for fd in select.select(list(open_fds), [], [], left)[0]:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                open_fds.discard(fd)
+            elif fd == out_r:
+                output.add(chunk)
+                if output.total > limits.file_size_mb << 20 and not too_much:
+                    too_much = True
+                    _stop(candidate, sandbox == "bwrap")  # the judge then sees the program end
+            elif len(verdict) < 1 << 16:
+                verdict += chunk
+    judged = _parse(verdict) if not timed_out else None
+    if judged and judged.get("ended") is True:
+        try:  # the program ended by itself: wait for its status, which says how
+            candidate.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+    rc = candidate.poll()
+    _stop(candidate, sandbox == "bwrap")
+    while out_r in open_fds and select.select([out_r], [], [], 0)[0]:  # what is left in the pipe
+        chunk = os.read(out_r, 1 << 16)
+        if not chunk:
+            break
+        output.add(chunk)
+    return judged, rc, output, timed_out, too_much
 
 
 def _parse(verdict: bytes) -> dict | None:
@@ -355,7 +369,7 @@ def _classify(judged: dict | None, rc: int | None, timed_out: bool, too_much: bo
     if judged is None:
         return ExecResult("error", "the judge gave no verdict")
     detail = str(judged.get("detail", ""))
-    if judged["status"] == "failed" and "ended" in detail and rc is not None:
+    if judged.get("ended") is True and rc is not None:
         # bubblewrap and our init report a program killed by signal N as 128 + N
         sig = -rc if rc < 0 else (rc - 128 if 128 < rc < 160 else None)
         if sig is not None:
