@@ -93,6 +93,8 @@ def _flags(task: dict, spec: dict | None, pub: dict | None) -> list[str]:
             flags.append(d)
         elif "WITHOUT a sandbox" in d:
             flags.append("code ran without a sandbox")
+        elif d.startswith("no cgroup for the sandboxes") or "items not scored" in d:
+            flags.append(d)
     if task.get("chat_format"):
         flags.append("chat format")
     return flags

@@ -362,10 +362,14 @@ def test_a_sample_the_harness_could_not_execute_is_not_scored(ours, tmp_path, mo
         return [execution.ExecResult("error", "the harness could not run this sample: OSError: planted")] + \
             [execution.ExecResult("failed", "AssertionError") for _ in programs[1:]]
     monkeypatch.setattr(evaluate, "run_all", run_all)
+    # and a machine where no cgroup can be had: results.json and the report say which bounds hold
+    monkeypatch.setattr(evaluate, "containment", lambda: {"cgroup": None, "why_no_cgroup": "planted", "bounds": "B"})
     res = evaluate.run(ours, ["humaneval"], tmp_path, limit=3, progress=False, execution={"sandbox": "none"})
     t = res["tasks"]["humaneval"]
     assert t["num_items"] == 2 and t["unscored_items"] == [0] and t["metrics"]["pass@1"]["value"] == 0.0
     assert any("1 items not scored" in d for d in t["deviations"])
+    assert "no cgroup for the sandboxes (planted); bounds: B" in t["deviations"]
+    assert "no cgroup for the sandboxes (planted)" in (tmp_path / "report.md").read_text()
     recs = [json.loads(line) for line in (tmp_path / "samples_humaneval.jsonl").read_text().splitlines()]
     assert recs[0]["scores"] is None and recs[0]["execution"]["status"] == "error"
     assert sorted(compare.item_scores({**res, "_dir": str(tmp_path)}, "humaneval")) == [1, 2]  # only scored items pair

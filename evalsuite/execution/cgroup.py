@@ -45,22 +45,24 @@ def _controllers_v1() -> dict[str, Path]:
     return found
 
 
-def _v2_parent() -> Path | None:
-    """A cgroup v2 directory whose children get memory and pids: this process's own cgroup, or its
-    parent (a sibling of ours; a cgroup with processes cannot enable controllers for children)."""
+def _controllers_v2() -> dict[str, Path]:
+    """controller -> a cgroup v2 directory whose children get it: this process's own cgroup, or its
+    parent (a sibling of ours: a cgroup with processes cannot enable controllers for children).
+    Empty unless memory and pids are both there."""
     mount = next((Path(line.split()[4]) for line in Path("/proc/self/mountinfo").read_text().splitlines()
                   if line.partition(" - ")[2].startswith("cgroup2 ")), None)
     own = next((line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")), None)
     if mount is None or own is None:
-        return None
+        return {}
     here = mount / own.lstrip("/")
     for d in (here, here.parent):
         try:
-            if {"memory", "pids"} <= set((d / "cgroup.subtree_control").read_text().split()):
-                return d
+            enabled = set((d / "cgroup.subtree_control").read_text().split())
         except OSError:
-            pass
-    return None
+            continue
+        if {"memory", "pids"} <= enabled:
+            return {c: d for c in ("memory", "pids", "cpu") if c in enabled}
+    return {}
 
 
 def _write(path: Path, value: str) -> None:
@@ -151,31 +153,26 @@ class Cgroups:
         return sorted(self.run_dirs)
 
     def describe(self) -> str:
-        return f"cgroup v{self.version} ({', '.join(self.controllers)}) under {sorted(set(self.run_dirs.values()))[0].parent}"
+        parents = {c: d.parent for c, d in sorted(self.run_dirs.items())}
+        if len(set(parents.values())) == 1:
+            return f"cgroup v{self.version} ({', '.join(parents)}) under {next(iter(parents.values()))}"
+        return f"cgroup v{self.version}: " + ", ".join(f"{c} under {p}" for c, p in parents.items())
 
     @classmethod
     def find(cls) -> tuple[Cgroups | None, str]:
         """(cgroups, description) or (None, why not): the first layout that works here, checked by
         creating a cgroup and moving a process into it."""
         why = []
-        parent = _v2_parent()
-        if parent is not None:
-            candidate = cls({"memory": parent, "pids": parent, "cpu": parent}, 2)
+        for version, find_bases in ((2, _controllers_v2), (1, _controllers_v1)):
+            bases = find_bases()
+            if not {"memory", "pids"} <= set(bases):
+                why.append(f"cgroup v{version}: no cgroup whose children get the memory and pids controllers")
+                continue
+            candidate = cls(bases, version)
             problem = candidate._probe()
             if problem is None:
                 return candidate, candidate.describe()
-            why.append(f"cgroup v2 under {parent}: {problem}")
-        else:
-            why.append("cgroup v2: no cgroup here whose children get the memory and pids controllers")
-        v1 = _controllers_v1()
-        if "memory" in v1 and "pids" in v1:
-            candidate = cls(v1, 1)
-            problem = candidate._probe()
-            if problem is None:
-                return candidate, candidate.describe()
-            why.append(f"cgroup v1: {problem}")
-        else:
-            why.append("cgroup v1: no memory and pids hierarchies")
+            why.append(f"cgroup v{version}: {problem}")
         return None, "; ".join(why)
 
     def _probe(self) -> str | None:
