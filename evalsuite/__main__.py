@@ -76,8 +76,9 @@ def run(cfg: DictConfig) -> None:
     execution = OmegaConf.to_container(cfg.execution, resolve=True)
     try:
         task_names, skipped = evaluate.expand_tasks(names, cfg.data.source, evaluate.execution_problem(execution))
-    except (tasks.TaskError, ValueError) as e:
-        sys.exit(str(e))
+    except (tasks.TaskError, ValueError) as e:  # bad input: exit status 2, as every other
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if cfg.fewshot_sampler is not None and cfg.fewshot_sampler not in tasks.SAMPLERS:
         sys.exit(f"fewshot_sampler={cfg.fewshot_sampler!r}: expected null (each task's rule) or one of "
                  f"{', '.join(tasks.SAMPLERS)}")

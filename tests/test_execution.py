@@ -472,6 +472,13 @@ def test_missing_bubblewrap_is_a_clear_error_unless_opted_out(monkeypatch):
         run_all([sample(RIGHT)], sandbox="docker")
 
 
+def test_limits_must_be_positive_numbers():
+    with pytest.raises(ValueError, match=r"execution.memory_mb=-1: expected a number above 0"):
+        Limits(memory_mb=-1)
+    with pytest.raises(ValueError, match=r"execution.timeout_s='10': expected"):
+        Limits(timeout_s="10")
+
+
 def test_execute_judges_completions_made_elsewhere(tmp_path):
     he = data.load_local("humaneval/test.jsonl.gz").rows[:2]
     mbpp = data.load_local("mbpp/test.jsonl.gz").rows[:1]

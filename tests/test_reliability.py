@@ -180,7 +180,9 @@ def _copy_with(folder: Path, dest: Path, change) -> Path:
 def test_bad_inputs_name_the_culprit(tiny_folder, tmp_path, capsys):
     model = [f"model.path={tiny_folder}", "model.preset=null", f"output_dir={tmp_path / 'out'}"]
     code, err = _handle(["+tasks=mmlx", *model], capsys)
-    assert "unknown task 'mmlx'; did you mean 'mmlu'?" in (err or str(code))
+    assert code == 2 and "unknown task 'mmlx'; did you mean 'mmlu'?" in err
+    code, err = _handle(["+tasks=humaneval", "execution.memory_mb=-5", *model], capsys)
+    assert code == 2 and "execution.memory_mb=-5: expected a number above 0" in err
     code, err = _handle(["+tasks=arc_e", "model.path=/nowhere/gemma", "model.preset=null"], capsys)
     assert code == 2 and "/nowhere/gemma" in err
     truncated = tmp_path / "truncated"

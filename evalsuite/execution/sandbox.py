@@ -51,6 +51,11 @@ class Limits:
     tmp_size_mb: int = 64           # the private /tmp
     cpus: float = 1.0               # with a cgroup: CPU time per second, so a sample cannot starve its neighbours
 
+    def __post_init__(self):
+        for name, value in self.__dict__.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"execution.{name}={value!r}: expected a number above 0")
+
 
 @dataclass(frozen=True)
 class Program:
