@@ -65,7 +65,8 @@ def _controllers_v2() -> dict[str, Path]:
     return {}
 
 
-def _write(path: Path, value: str) -> None:
+def write_value(path: str | Path, value: str) -> None:
+    """One write(2), as cgroup and /proc files want; safe between fork and exec (no Python I/O objects)."""
     fd = os.open(path, os.O_WRONLY)
     try:
         os.write(fd, value.encode())
@@ -111,7 +112,7 @@ class Sample:
     def enter(self) -> None:
         """Move the calling process in; runs in the child between fork and exec (preexec_fn)."""
         for d in self.dirs:
-            _write(d / "cgroup.procs", str(os.getpid()))
+            write_value(d / "cgroup.procs", str(os.getpid()))
 
     def _read(self, name: str) -> str | None:
         for d in self.dirs:
@@ -130,10 +131,6 @@ class Sample:
     def oom_killed(self) -> bool:
         text = self._read("memory.events" if self.version == 2 else "memory.oom_control") or ""
         m = re.search(r"^oom_kill (\d+)", text, re.M)
-        return bool(m and int(m.group(1)))
-
-    def pids_refused(self) -> bool:
-        m = re.search(r"^max (\d+)", self._read("pids.events") or "", re.M)
         return bool(m and int(m.group(1)))
 
     def remove(self) -> None:
@@ -177,7 +174,6 @@ class Cgroups:
 
     def _probe(self) -> str | None:
         try:
-            sweep(self.run_dirs.values())
             sample = self.create(memory=64 << 20, processes=4, cpus=1)
             try:
                 subprocess.run(["/bin/true"], preexec_fn=sample.enter, check=True, timeout=30)
@@ -201,7 +197,7 @@ class Cgroups:
                     run_dir.mkdir()
                     if self.version == 2:  # children of our own run directory get the controllers
                         have = set((run_dir / "cgroup.controllers").read_text().split())
-                        _write(run_dir / "cgroup.subtree_control",
+                        write_value(run_dir / "cgroup.subtree_control",
                                " ".join(f"+{x}" for x in ("memory", "pids", "cpu") if x in have))
                 d = run_dir / f"sample-{n}"
                 if d in dirs:
@@ -230,19 +226,18 @@ class Cgroups:
                 if name in ("memory.max", "memory.limit_in_bytes", "pids.max"):  # the bounds that matter
                     raise OSError(f"{name} missing in {sample.dirs}")
                 continue  # swap accounting off, cpu controller absent, older kernel
-            _write(path, str(value))
+            write_value(path, str(value))
 
     def remove(self) -> None:
-        sweep(self.run_dirs.values(), only_dead=False)
-
-
-def sweep(run_dirs, only_dead: bool = True) -> None:
-    """Remove evalsuite-<pid> cgroups beside the given ones whose harness is gone (or all of
-    `run_dirs` with only_dead=False), killing what is left in them."""
-    for run_dir in set(run_dirs):
-        if not only_dead:
+        """This run's cgroups, with whatever is left in them."""
+        for run_dir in set(self.run_dirs.values()):
             _remove(run_dir)
-            continue
+
+
+def sweep(run_dirs) -> None:
+    """Remove the evalsuite-<pid> cgroups beside the given ones whose harness is gone, killing what
+    is left in them."""
+    for run_dir in set(run_dirs):
         for d in run_dir.parent.glob("evalsuite-*"):
             pid = d.name.removeprefix("evalsuite-")
             if pid.isdigit() and not Path(f"/proc/{pid}").exists():

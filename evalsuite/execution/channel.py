@@ -32,8 +32,6 @@ def encode(obj, depth=0):
         raise TypeError("data nested deeper than 100 levels")
     if obj is None or obj is True or obj is False or type(obj) in (str, int, float):
         return obj
-    if isinstance(obj, bool):
-        return bool(obj)
     if isinstance(obj, str):
         return str(obj)
     if isinstance(obj, int):

@@ -28,12 +28,15 @@ sys.modules["evalsuite.execution." + SOURCES[-1][0]].main(sys.argv[1:])
 """
 
 
+NEEDS = {"judge": ("channel", "judge"), "init": ("channel", "candidate", "init")}  # main module last
+
+
 @cache
-def _sources(*names: str) -> list[tuple[str, str]]:
-    return [(n, (HERE / f"{n}.py").read_text()) for n in names]
+def _script(module: str) -> str:
+    sources = [(n, (HERE / f"{n}.py").read_text()) for n in NEEDS[module]]
+    return f"SOURCES = {sources!r}\n{_BOOT}"
 
 
 def command(python: str, module: str, *args: str) -> list[str]:
     """`python -I -S -c BOOT args...` running `module`'s main(args), with the modules it imports."""
-    needs = {"judge": ["channel", "judge"], "init": ["channel", "candidate", "init"]}[module]
-    return [python, "-I", "-S", "-c", f"SOURCES = {_sources(*needs)!r}\n{_BOOT}", *map(str, args)]
+    return [python, "-I", "-S", "-c", _script(module), *map(str, args)]

@@ -50,18 +50,20 @@ class Candidate:
         self.requests, self.answers, self.deadline = requests_fd, channel.Reader(answers_fd), deadline
         self.calls, self.failure = 0, None
 
+    def _fail(self, status: str, detail: str, ended: bool = False) -> CallFailed:
+        """Record the first broken call (it fails the verdict whatever the test does) and return it."""
+        self.failure = CallFailed(status, detail, ended)
+        return self.failure
+
     def _receive(self, what: str) -> dict:
-        if self.failure:
-            raise self.failure
         try:
             return self.answers.read(self.deadline)
         except TimeoutError:
-            self.failure = CallFailed("timeout", f"no answer to {what} within the time limit")
+            raise self._fail("timeout", f"no answer to {what} within the time limit") from None
         except EOFError:
-            self.failure = CallFailed("failed", f"the program ended before answering {what}", ended=True)
+            raise self._fail("failed", f"the program ended before answering {what}", ended=True) from None
         except channel.ChannelError as e:
-            self.failure = CallFailed("failed", f"the answer to {what} is not a valid message: {e}")
-        raise self.failure
+            raise self._fail("failed", f"the answer to {what} is not a valid message: {e}") from None
 
     def load(self, program: str, setup: str) -> None:
         # The candidate's process says "started" before the program exists there, so silence here is
@@ -69,13 +71,11 @@ class Candidate:
         try:
             self.answers.read(self.deadline)
         except (TimeoutError, EOFError, channel.ChannelError) as e:
-            self.failure = CallFailed("error", f"the sandbox did not start: {e}")
-            raise self.failure from None
+            raise self._fail("error", f"the sandbox did not start: {e}") from None
         channel.write_message(self.requests, {"program": program, "setup": setup})
         reply = self._receive("loading the program")
         if reply.get("loaded") is not True:
-            self.failure = CallFailed("failed", f"the program did not load: {str(reply.get('error'))[:500]}")
-            raise self.failure
+            raise self._fail("failed", f"the program did not load: {str(reply.get('error'))[:500]}")
 
     def call(self, name: str, args: tuple, kwargs: dict):
         self.calls += 1
@@ -90,23 +90,19 @@ class Candidate:
         try:
             channel.write_message(self.requests, message)
         except BrokenPipeError:
-            self.failure = CallFailed("failed", f"the program ended before {what}", ended=True)
-            raise self.failure from None
+            raise self._fail("failed", f"the program ended before {what}", ended=True) from None
         reply = self._receive(what)
         if reply.get("id") != self.calls:
-            self.failure = CallFailed("failed", f"the answer to {what} is for another call")
-            raise self.failure
+            raise self._fail("failed", f"the answer to {what} is for another call")
         try:
             if "value" in reply:
                 return channel.decode(reply["value"])
             if "not_plain" in reply:
-                self.failure = CallFailed("failed", f"{what} returned something that is not plain data: "
-                                          f"{str(reply['not_plain'])[:200]}")
-                raise self.failure
+                raise self._fail("failed", f"{what} returned something that is not plain data: "
+                                 f"{str(reply['not_plain'])[:200]}")
             kind, text = (str(x)[:1000] for x in reply["raised"])
         except (channel.ChannelError, RecursionError, KeyError, ValueError, TypeError) as e:
-            self.failure = CallFailed("failed", f"the answer to {what} is malformed: {str(e)[:200]}")
-            raise self.failure from None
+            raise self._fail("failed", f"the answer to {what} is malformed: {str(e)[:200]}") from None
         exc = getattr(builtins, kind, None)
         if isinstance(exc, type) and issubclass(exc, Exception):
             raise exc(f"{text} (raised by the program)" if text else "(raised by the program)")

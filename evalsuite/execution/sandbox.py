@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import children
-from .cgroup import Cgroups, Sample
+from .cgroup import Cgroups, Sample, write_value
 
 SANDBOXES = ("bwrap", "none")
 OUTPUT_KEPT = 4096  # bytes of a program's output kept in the result: the first and the last half
@@ -147,9 +147,7 @@ def _prepare(uid: int, cgroup: Sample | None, oom_score: int | None = 1000):
         if cgroup is not None:
             cgroup.enter()
         if oom_score is not None:
-            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-            os.write(fd, str(oom_score).encode())
-            os.close(fd)
+            write_value("/proc/self/oom_score_adj", str(oom_score))
         if os.geteuid() == 0:
             os.setgroups([])
             os.setgid(uid)
