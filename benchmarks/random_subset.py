@@ -26,7 +26,7 @@ def main() -> None:
     from evalsuite.runner import Runner
 
     spec = tasks.load_spec(args.task)
-    if spec["kind"] == "generate":
+    if spec.kind == "generate":
         raise SystemExit(f"{args.task} is a generation task; this script scores multiple-choice tasks")
     items, _ = tasks.build_items(spec)
     subset = sorted(random.Random(args.seed).sample(items, min(args.n, len(items))), key=lambda it: it.index)
@@ -35,7 +35,7 @@ def main() -> None:
     t0 = time.perf_counter()
     res = runner.loglikelihood([r for it in subset for r in it.requests])
     dt = time.perf_counter() - t0
-    hits: dict[str, list[float]] = {m: [] for m in spec["metrics"]}
+    hits: dict[str, list[float]] = {m: [] for m in spec.metrics}
     k = 0
     for it in subset:
         lps = [r.logprob for r in res[k:k + len(it.requests)]]

@@ -84,7 +84,7 @@ def run_ours(args, sizes: dict[str, int]) -> dict:
         if task == "gsm8k":
             res = runner.generate_until([it.requests[0] for it in items])
             recs = [{"index": it.index, "generation": r.text,
-                     "scores": scorers.SCORERS["gsm8k"](r.text, it.doc)} for it, r in zip(items, res)]
+                     "scores": scorers.SCORERS["gsm8k"].score(r.text, it.doc)} for it, r in zip(items, res)]
         else:
             res = iter(runner.loglikelihood([r for it in items for r in it.requests]))
             recs = []
@@ -177,7 +177,7 @@ def run_lm_eval(args, sizes: dict[str, int]) -> dict:
                 seen.add(s["doc"]["index"])
                 text = s["resps"][0][0]
                 recs.append({"index": s["doc"]["index"], "generation": text,
-                             "scores": scorers.SCORERS["gsm8k"](text, items[s["doc"]["index"]].doc)})
+                             "scores": scorers.SCORERS["gsm8k"].score(text, items[s["doc"]["index"]].doc)})
         else:
             recs = []
             for s in samples:

@@ -11,7 +11,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import settings as settings_schema
+
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+BAD_INPUT = 2  # every bad input (config, task, model, data): one paragraph on stderr and this status
+INTERRUPTED = 130
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
@@ -26,15 +30,16 @@ def handle(cfg: DictConfig) -> None:
         run(cfg)
     except KeyboardInterrupt:
         where = cache_dir(cfg) if cfg.cache != "off" else None
-        sys.exit("interrupted. " + (f"Every finished batch is kept in the result cache {where}: run the same "
-                                    "command again to compute only what is missing." if where else
-                                    "The result cache was off (cache=off), so nothing was kept."))
+        print("interrupted. " + (f"Every finished batch is kept in the result cache {where}: run the same "
+                                 "command again to compute only what is missing." if where else
+                                 "The result cache was off (cache=off), so nothing was kept."), file=sys.stderr)
+        sys.exit(INTERRUPTED)
     except Exception as e:  # noqa: BLE001 -- the one place that turns errors into messages
         if cfg.get("debug"):
             raise
         rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(rank + error_message(e), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(BAD_INPUT)
     finally:
         from .distributed import close
         close()
@@ -64,58 +69,48 @@ def error_message(e: BaseException) -> str:
 
 
 def run(cfg: DictConfig) -> None:
-    from . import distributed, evaluate, tasks
-    from .cache import check_mode
-    from .model import load_model
+    from . import distributed, evaluate, report, tasks
+    from .backends import load_backend
 
-    check_mode(cfg.cache)  # before the model is loaded
-    if "tasks" not in cfg:
-        sys.exit("no tasks given: add +tasks=NAME or +tasks=[A,B]; tasks: "
-                 f"{', '.join(tasks.available_tasks())}; suites: {', '.join(evaluate.SUITES)}")
-    names = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
-    execution = OmegaConf.to_container(cfg.execution, resolve=True)
-    try:
-        task_names, skipped = evaluate.expand_tasks(names, cfg.data.source, evaluate.execution_problem(execution))
-    except (tasks.TaskError, ValueError) as e:  # bad input: exit status 2, as every other
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if cfg.fewshot_sampler is not None and cfg.fewshot_sampler not in tasks.SAMPLERS:
-        sys.exit(f"fewshot_sampler={cfg.fewshot_sampler!r}: expected null (each task's rule) or one of "
-                 f"{', '.join(tasks.SAMPLERS)}")
-    try:
-        sampling = evaluate.Sampling(**cfg.generation)
-    except (TypeError, ValueError) as e:
-        sys.exit(f"generation: {e}" if isinstance(e, TypeError) else str(e))
-    world = distributed.init(cfg.device, cfg.dist_timeout_minutes)  # a world of one without torchrun
-    device = cfg.device
+    settings: settings_schema.Settings = OmegaConf.to_object(cfg)  # ranges checked: ValueError naming the key
+    settings.cache_dir = str(cache_dir(cfg))  # beside the runs, shared by them (evaluate's default: in the run)
+    names = settings.task_names()
+    if not names:
+        raise ValueError("no tasks given: add tasks=NAME or tasks=[A,B]; tasks: "
+                         f"{', '.join(tasks.available_tasks())}; suites: {', '.join(tasks.suites())}")
+    task_names, skipped = evaluate.expand_tasks(names, settings.data.source,
+                                                evaluate.execution_problem(settings.execution))
+    world = distributed.init(settings.device, settings.dist_timeout_minutes)  # a world of one without torchrun
+    device = settings.device
     if world.size > 1 and device in ("cuda", "auto") and torch.cuda.is_available():
         device = f"cuda:{world.local_rank}"  # one GPU per rank
-    backend = cfg.model.get("backend", "ours")
-    if backend == "ours":
-        model = load_model(cfg.model.path, device=device, dtype=cfg.dtype, preset=cfg.model.get("preset"),
-                           attention=cfg.attention)
-    elif backend == "hf":
-        from .backends import HFBackend
-        model = HFBackend(cfg.model.path, device=device, dtype=cfg.dtype)
-    else:
-        sys.exit(f"model.backend={backend!r}: expected 'ours' (our Gemma network) or 'hf' (transformers)")
-    run_id = world.broadcast(dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.model.get('preset') or 'model'}")
-    out_dir = Path(cfg.output_dir) / run_id
-    res = evaluate.run(model, task_names, out_dir, limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=cfg.seed,
-                       batch_size=cfg.batch_size, generate_batch_size=cfg.generate_batch_size,
-                       token_budget=cfg.token_budget, data_source=cfg.data.source,
-                       progress=cfg.progress, chat=cfg.chat, fewshot_sampler=cfg.fewshot_sampler,
-                       share_prefix=cfg.share_prefix, sampling=sampling, execution=execution, skipped=skipped,
-                       config=OmegaConf.to_container(cfg, resolve=True), cache=cfg.cache, cache_dir=cache_dir(cfg),
-                       world=world)
+    model = load_backend(settings.model, device=device, dtype=settings.dtype, attention=settings.attention)
+    run_id = world.broadcast(dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{settings.model.preset or 'model'}")
+    out_dir = Path(settings.output_dir) / run_id
+    res = evaluate.run(model, task_names, out_dir, settings, skipped=skipped,
+                       config=OmegaConf.to_container(cfg, resolve=True), world=world)
     if world.rank != 0:  # rank 0 writes and prints the results of all ranks
         return
-    print(evaluate.summary_markdown(res))
+    print(report.publish(out_dir, res))
     c = res["cache"]
     if c["mode"] != "off":
         print(f"result cache {c['dir']}: {c['requests_from_cache']} requests read, {c['requests_computed']} computed")
     print(f"results: {out_dir / 'results.json'}")
 
 
+def cli() -> None:
+    """The command line: Hydra composes the settings (a bad override, an unknown key or preset is
+    its one-paragraph error), then `handle` runs them."""
+    sys.argv = settings_schema.normalize_overrides(sys.argv)
+    try:
+        main()
+    except SystemExit as e:
+        # Hydra ends with status 1 when it cannot compose the config (a wrong type, an unknown key or
+        # config group option); `handle` never exits 1, so this is always bad input.
+        if e.code == 1:
+            sys.exit(BAD_INPUT)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -17,6 +17,7 @@ A backend gives the runner
     start_decoding(cache, steps) -> cache ready for `steps` calls of decode(cache, ids, positions),
                          each one token per row, ids and positions (b,), returning (b, hidden)
     describe() -> what results.json records about the model
+    version_key() -> everything that decides the numbers (the result cache's key)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .cache import model_key
 from .model import LoadedModel, resolve_device, resolve_dtype, sha256_of_files
 
 
@@ -108,6 +110,9 @@ class OursBackend:
                 "fingerprint_sha256": lm.fingerprint(), "weight_files": [str(f) for f in lm.weight_files],
                 "tokenizer": lm.tokenizer.kind, "dtype": str(lm.model.dtype), "device": str(lm.device),
                 "attention": lm.model.attention}
+
+    def version_key(self) -> dict[str, Any]:
+        return model_key(self.describe())
 
 
 class DecodeGraph:
@@ -271,12 +276,36 @@ class HFBackend:
                 "weight_files": [str(f) for f in self._files], "tokenizer": self.tokenizer.kind,
                 "dtype": str(self.model.dtype), "device": str(self.device)}
 
+    def version_key(self) -> dict[str, Any]:
+        import transformers
+        return {**model_key(self.describe()), "transformers": transformers.__version__}
+
 
 def _head_cost(model: torch.nn.Module, head_weight: torch.Tensor, embed_weight: torch.Tensor) -> float:
     """The head's weights over the network's other matrices (embedding lookups and norms are free)."""
     body = sum(p.numel() for p in model.parameters()
                if p.dim() == 2 and p is not head_weight and p is not embed_weight)
     return head_weight.numel() / max(1, body)
+
+
+def _ours(model, device: str, dtype: str, attention: str) -> OursBackend:
+    from .model import load_model
+    return OursBackend(load_model(model.path, device=device, dtype=dtype, preset=model.preset, attention=attention))
+
+
+def _hf(model, device: str, dtype: str, attention: str) -> HFBackend:
+    return HFBackend(model.path, device=device, dtype=dtype)
+
+
+# model.backend -> how to load it from the model settings (evalsuite.settings.ModelSettings)
+BACKENDS = {"ours": _ours, "hf": _hf}
+
+
+def load_backend(model, device: str = "cpu", dtype: str = "float32", attention: str = "blocks"):
+    if model.backend not in BACKENDS:
+        raise ValueError(f"model.backend={model.backend!r}: expected one of {', '.join(BACKENDS)} "
+                         "(ours: our Gemma network; hf: transformers)")
+    return BACKENDS[model.backend](model, device, dtype, attention)
 
 
 def as_backend(obj) -> OursBackend | HFBackend:

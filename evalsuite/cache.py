@@ -37,9 +37,12 @@ MODES = ("off", "read", "write", "refresh")
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"cache={mode!r}: expected one of {', '.join(MODES)}")
+
+
 _PACKAGE = Path(__file__).resolve().parent
 # The code whose change can change a result: the network, weight loading, tokenizer, the runner.
-CODE_FILES = sorted([*(_PACKAGE / "model").glob("*.py"), _PACKAGE / "runner.py", _PACKAGE / "backends.py"])
+CODE_FILES = sorted([*(_PACKAGE / "model").glob("*.py"), _PACKAGE / "requests.py", _PACKAGE / "runner.py",
+                     _PACKAGE / "backends.py"])
 
 
 def code_version() -> str:
@@ -50,16 +53,14 @@ def code_version() -> str:
 
 
 def model_key(described: dict[str, Any]) -> dict[str, Any]:
-    """What identifies the numbers a backend produces, from backend.describe() and the environment."""
+    """What identifies the numbers a backend of ours produces, from its describe() and the environment;
+    a backend's version_key() starts from it and adds what else it depends on."""
     key = {k: described.get(k) for k in ("backend", "family", "fingerprint_sha256", "tokenizer", "dtype",
                                           "attention")}
     key["device_type"] = str(described.get("device", "cpu")).split(":")[0]
     key["code"] = code_version()
     key["torch"] = torch.__version__
     key["tf32"] = [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
-    if described.get("backend") == "hf":
-        import transformers
-        key["transformers"] = transformers.__version__
     return key
 
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from . import metrics
+from .records import load_run, read_samples
 
 # What must be equal for two runs of a task to be compared item by item.
 SETTINGS = ("version", "primary", "data_sha256", "fewshot_sha256", "num_fewshot", "fewshot_sampler", "chat_format",
@@ -26,34 +27,18 @@ class NotComparable(Exception):
     pass
 
 
-def load_run(run_dir: str | Path) -> dict:
-    run_dir = Path(run_dir)
-    path = run_dir / "results.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no results.json (expected a run directory written by python -m evalsuite)")
-    res = json.loads(path.read_text())
-    res["_dir"] = str(run_dir)
-    return res
-
-
 def item_scores(run: dict, task: str) -> dict[int, float]:
     """Per-item value of the task's primary metric, keyed by the item's index in its split."""
-    t = run["tasks"][task]
-    primary = t["primary"]
-    path = Path(run["_dir"]) / f"samples_{task}.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing (the per-item records of task {task!r})")
+    primary = run["tasks"][task]["primary"]
     out = {}
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            rec = json.loads(line)
-            if "scores" in rec:
-                if rec["scores"] is not None:  # None: not scored (its program could not be executed)
-                    out[rec["index"]] = float(rec["scores"][primary])
-            elif "predictions" in rec:
-                out[rec["index"]] = float(rec["predictions"][primary] == rec["gold"])
-            else:
-                raise ValueError(f"{path}:{n}: record has neither 'scores' nor 'predictions'")
+    for n, rec in read_samples(run, task):
+        if "scores" in rec:
+            if rec["scores"] is not None:  # None: not scored (its program could not be executed)
+                out[rec["index"]] = float(rec["scores"][primary])
+        elif "predictions" in rec:
+            out[rec["index"]] = float(rec["predictions"][primary] == rec["gold"])
+        else:
+            raise ValueError(f"{run['_dir']}/samples_{task}.jsonl:{n}: record has neither 'scores' nor 'predictions'")
     return out
 
 

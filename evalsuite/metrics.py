@@ -1,9 +1,14 @@
-"""Metrics: multiple-choice predictions, means with standard errors (sample standard deviation /
-sqrt(n)), and the aggregates of several samples per prompt (majority vote, unbiased pass@k)."""
+"""Metrics: multiple-choice predictions, the aggregations of per-item values into a task's score
+(mean with its standard error, sample standard deviation / sqrt(n); macro average over groups), and
+the aggregates of several samples per prompt (majority vote, unbiased pass@k)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
+
+CHOICE_METRICS = ("acc", "acc_norm", "acc_bytes")  # the per-item rules of choice_predictions
 
 
 def argmax(xs: list[float]) -> int:
@@ -28,6 +33,33 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
         return mean, float("nan")
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+class Mean:
+    """The mean over items and its standard error."""
+
+    def __call__(self, values: list[float], docs: list[dict[str, Any]]) -> tuple[float, float, dict | None]:
+        return (*mean_stderr(values), None)
+
+
+@dataclass(frozen=True)
+class MacroMean:
+    """A task of subtasks: the mean of the subtasks' means (items grouped by a field of their doc);
+    its standard error from the subtasks' independent ones (NaN when a subtask has a single item)."""
+    field: str
+
+    def describe(self, groups: int) -> str:
+        return f"macro average over {groups} {self.field} groups"
+
+    def __call__(self, values: list[float], docs: list[dict[str, Any]]) -> tuple[float, float, dict | None]:
+        by: dict[str, list[float]] = {}
+        for doc, v in zip(docs, values):
+            by.setdefault(str(doc[self.field]), []).append(v)
+        sub = {g: (len(v), *mean_stderr(v)) for g, v in by.items()}  # group -> (items, mean, stderr)
+        if not sub:
+            return float("nan"), float("nan"), {}
+        mean = sum(v[1] for v in sub.values()) / len(sub)
+        return mean, math.sqrt(sum(v[2] ** 2 for v in sub.values())) / len(sub), sub
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

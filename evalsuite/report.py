@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import re
 import sys
@@ -23,9 +22,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import jinja2
-import yaml
 
-from .compare import load_run
+from . import tasks
+from .records import load_run, read_samples
 
 REPORTS_DIR = Path(__file__).resolve().parents[1] / "reports"
 # Which source a report uses when several published the same (model, benchmark, shots): the first match.
@@ -44,9 +43,13 @@ def registry() -> tuple[dict, ...]:
     return rows
 
 
-@lru_cache(maxsize=None)
-def task_map() -> dict:
-    return yaml.safe_load((REPORTS_DIR / "tasks.yaml").read_text())
+def published_row(task: str) -> dict | None:
+    """The published row our task reproduces (its spec's `published:`), or None (an unknown task)."""
+    try:
+        pub = tasks.load_spec(task).published
+    except tasks.TaskError:
+        return None
+    return {"benchmark": pub.benchmark, "shots": pub.shots, "ours": pub.ours} if pub else None
 
 
 def _source_rank(source: str) -> int:
@@ -62,7 +65,7 @@ def published_model(run: dict) -> tuple[str, str] | None:
 
 def lookup(model: str, variant: str, task: str) -> dict | None:
     """The published row the report uses for our task on this model, plus the other sources' values."""
-    spec = task_map().get(task)
+    spec = published_row(task)
     if spec is None:
         return None
     rows = [r for r in registry() if r["model"] == model and r["variant"] == variant and r["benchmark"] == spec["benchmark"] and r["value"] is not None]
@@ -104,10 +107,11 @@ def task_rows(run: dict, model: tuple[str, str] | None) -> list[dict]:
     rows = []
     for name, t in run["tasks"].items():
         m = t["metrics"][t["primary"]]
-        value, se = 100 * m["value"], 100 * m["stderr"]  # stderr nan (one item) stays nan
+        se = math.nan if m["stderr"] is None else 100 * m["stderr"]  # null: not computable (one item)
+        value = math.nan if m["value"] is None else 100 * m["value"]
         lo, hi = value - 1.96 * se, value + 1.96 * se
         pub = lookup(*model, name) if model else None
-        spec = task_map().get(name)
+        spec = published_row(name)
         rows.append({
             "task": name, "metric": t["primary"], "num_items": t["num_items"], "value": value, "ci95": 1.96 * se,
             "published": pub, "delta": value - pub["value"] if pub else None,
@@ -118,30 +122,33 @@ def task_rows(run: dict, model: tuple[str, str] | None) -> list[dict]:
 
 
 def samples(run: dict, task: str, n: int = SAMPLES_SHOWN) -> list[dict]:
-    path = Path(run["_dir"]) / f"samples_{task}.jsonl"
+    """The first n records of a task as the report shows them."""
+    if not (Path(run["_dir"]) / f"samples_{task}.jsonl").exists():
+        return []
     out = []
-    if path.exists():
-        with open(path) as fh:
-            for line in fh:
-                rec = json.loads(line)
-                prompt = rec.get("prompt", "")
-                shown = {"index": rec["index"], "prompt_tail": prompt[-600:], "prompt_cut": len(prompt) > 600}
-                if "generation" in rec:
-                    gen = rec["generation"]
-                    shown.update(answer=gen if isinstance(gen, str) else gen[0], gold=str(rec.get("target", "")),
-                                 scores=rec["scores"])
-                    if "execution" in rec:
-                        ex = rec["execution"] if isinstance(rec["execution"], dict) else rec["execution"][0]
-                        shown["execution"] = f"{ex['status']} {ex['detail']}".strip()
-                else:
-                    pred = rec["predictions"].get(run["tasks"][task]["primary"])
-                    shown.update(answer=f"{rec['choices'][pred]} (choice {pred})", gold=f"{rec['choices'][rec['gold']]} "
-                                 f"(choice {rec['gold']})", scores={"correct": float(pred == rec["gold"])},
-                                 logprobs=[round(x, 3) for x in rec["logprobs"]])
-                out.append(shown)
-                if len(out) >= n:
-                    break
+    for _, rec in read_samples(run, task):
+        out.append(_shown(rec, run["tasks"][task]["primary"]))
+        if len(out) >= n:
+            break
     return out
+
+
+def _shown(rec: dict, primary: str) -> dict:
+    prompt = rec.get("prompt", "")
+    shown = {"index": rec["index"], "prompt_tail": prompt[-600:], "prompt_cut": len(prompt) > 600}
+    if "generation" in rec:
+        gen = rec["generation"]
+        shown.update(answer=gen if isinstance(gen, str) else gen[0], gold=str(rec.get("target", "")),
+                     scores=rec["scores"])
+        if "execution" in rec:
+            ex = rec["execution"] if isinstance(rec["execution"], dict) else rec["execution"][0]
+            shown["execution"] = f"{ex['status']} {ex['detail']}".strip()
+    else:
+        pred = rec["predictions"].get(primary)
+        shown.update(answer=f"{rec['choices'][pred]} (choice {pred})", gold=f"{rec['choices'][rec['gold']]} "
+                     f"(choice {rec['gold']})", scores={"correct": float(pred == rec["gold"])},
+                     logprobs=[round(x, 3) for x in rec["logprobs"]])
+    return shown
 
 
 def chart_svg(label: str, rows: list[dict]) -> str:
@@ -216,6 +223,39 @@ def write(run_dirs: list[str | Path], formats=("md", "html"), out: str | Path | 
         path.write_text(render(runs, fmt, published))
         written.append(path)
     return written
+
+
+def summary_markdown(res: dict) -> str:
+    """The table the command line prints after a run (and summary.md)."""
+    pct = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    lines = [f"Model: {res['model']['source']} ({(res['model']['fingerprint_sha256'] or '')[:12]}, "
+             f"backend {res['model']['backend']})", "",
+             "| task | metric | value | ± stderr | items | shots | notes |", "|---|---|---|---|---|---|---|"]
+    for name, t in res["tasks"].items():
+        for m, s in t["metrics"].items():
+            mark = " (primary)" if m == t["primary"] else ""
+            lines.append(f"| {name} | {m}{mark} | {pct(s['value'])} | {pct(s['stderr'])} | "
+                         f"{t['num_items']} | {t['num_fewshot']} | {'; '.join(t['deviations'])} |")
+    for name, why in res.get("skipped_tasks", {}).items():
+        lines.append(f"| {name} | not run | | | | | {why} |")
+    tm = res["timing"]
+    lines += ["", f"{tm['requests']} requests, {tm['tokens_forwarded']} tokens forwarded and "
+                  f"{tm.get('tokens_generated', 0)} generated in {tm['scoring_seconds']:.1f}s "
+                  f"({tm['tokens_per_second'] or 0:.0f} tokens forwarded/s); wall {tm['wall_seconds']:.1f}s"]
+    return "\n".join(lines) + "\n"
+
+
+def publish(run_dir: Path, res: dict) -> str:
+    """summary.md and the report of a finished run; the summary's text. The results are on disk
+    already: a report that cannot be drawn must not lose them, so it only warns."""
+    summary = summary_markdown(res)
+    (Path(run_dir) / "summary.md").write_text(summary)
+    try:
+        write([run_dir])
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: report not written ({type(e).__name__}: {e}); "
+              f"retry with python -m evalsuite.report {run_dir}", file=sys.stderr)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

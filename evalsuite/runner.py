@@ -33,78 +33,18 @@ from __future__ import annotations
 import ctypes
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from .backends import as_backend
 from .distributed import World, shard
-
-
-@dataclass(frozen=True)
-class Chat:
-    """A prompt in the Gemma chat format: few-shot examples as (user, model) turns, then the question.
-
-    Encoded as [BOS] (<start_of_turn>user\\n{u}<end_of_turn>\\n<start_of_turn>model\\n{m}<end_of_turn>\\n)*
-    <start_of_turn>user\\n{user}<end_of_turn>\\n<start_of_turn>model\\n, with the turn markers inserted
-    by id (never parsed out of text). The example turns are the shared prefix.
-    """
-    examples: tuple[tuple[str, str], ...]
-    user: str
-
-
-@dataclass(frozen=True)
-class Loglikelihood:
-    context: str | Chat
-    continuation: str
-    shared_prefix: int = 0  # leading characters of `context` shared by many requests (few-shot block)
-
-
-@dataclass(frozen=True)
-class Generation:
-    context: str | Chat
-    stop: tuple[str, ...] = ()
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    seed: int = 0  # sampling generator seed, per request, so outputs do not depend on batching
-    shared_prefix: int = 0  # leading characters of `context` shared by many requests (few-shot block)
-
-
-@dataclass(frozen=True)
-class LoglikelihoodResult:
-    logprob: float
-    is_greedy: bool
-    num_tokens: int
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str  # up to, not including, the first stop string
-    tokens: list[int] = field(default_factory=list)
-    finish: str = "length"  # "stop" (a stop string), "eos" (a stop token) or "length"
+from .requests import (Chat, Generation, GenerationResult, Loglikelihood, LoglikelihoodResult,  # noqa: F401
+                       TooLong, split_pair)
 
 
 class NumericsError(RuntimeError):
     pass
-
-
-class TooLong(ValueError):
-    """A request longer than the model's context. Nothing is truncated: a score computed on a cut
-    prompt is not the benchmark's score, so the run stops and names the request."""
-
-    def __init__(self, index: int, what: str):
-        self.index, self.what = index, what
-        super().__init__(f"request {index} {what}; evalsuite does not truncate prompts")
-
-
-def split_pair(context: str, continuation: str) -> tuple[str, str]:
-    n = len(context) - len(context.rstrip(" "))
-    if n:
-        context, continuation = context[:-n], context[-n:] + continuation
-    return context, continuation
 
 
 def keep_freed_memory() -> bool:
@@ -154,6 +94,12 @@ class Runner:
         self.gather_seconds = 0.0  # torchrun: time spent waiting for the other ranks' results
         self._enc: dict[tuple[str, bool], tuple[int, ...]] = {}
         self._logits_block: torch.Tensor | None = None  # see _head_logits
+
+    def describe(self) -> dict:
+        return self.backend.describe()
+
+    def version_key(self) -> dict:
+        return self.backend.version_key()
 
     # ---- tokenization -------------------------------------------------------------------------
     def _encode(self, text: str, bos: bool = False) -> tuple[int, ...]:

@@ -1,8 +1,9 @@
-"""Scorers for generated answers: scorer(generation text, doc) -> {metric: 0.0..1.0}.
+"""Scorers for generated answers: score(generation text, doc) -> {metric: 0.0..1.0}.
 
-A generation task names its scorer in task.yaml (`scorer: gsm8k`); the metrics a spec lists must be
-among the scorer's METRICS. A scorer's ANSWER(text) gives, per metric, the extracted and normalised
-answer that the metric compares: with several samples per prompt, maj@n votes on it.
+A generation task names its scorer in task.yaml (`scorer: gsm8k`, the SCORERS table at the end);
+the metrics a spec lists must be among the scorer's `metrics`. A scorer's `answer(text)` gives, per
+metric, the extracted and normalised answer that the metric compares: with several samples per
+prompt, maj@n votes on it. A code scorer's `program(text, doc)` is the sample to execute.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import re
 import string
 import sys
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .execution import Program
 
 INVALID = "[invalid]"  # the answer of a generation from which nothing could be extracted
-CONTINUOUS = {"f1"}  # metrics that are not pass/fail (no pass@k for them)
 
 # GSM8K, as lm-evaluation-harness's gsm8k task scores it: the reference is the number after "####";
 # "strict" reads the number after "#### " in the generation (the format the exemplars teach),
@@ -51,9 +52,6 @@ def gsm8k(text: str, doc: dict[str, Any]) -> dict[str, float]:
     return {"exact_match_strict": float(got["strict"] == ref), "exact_match_flexible": float(got["flexible"] == ref)}
 
 
-gsm8k.METRICS = ("exact_match_strict", "exact_match_flexible")  # type: ignore[attr-defined]
-gsm8k.ANSWER = lambda text: {f"exact_match_{k}": v for k, v in gsm8k_extract(text).items()}  # type: ignore[attr-defined]
-
 # Short-answer QA (Natural Questions open, TriviaQA): the official SQuAD/TriviaQA answer normalisation
 # (lower case, punctuation removed, articles a/an/the removed, whitespace collapsed), then exact match
 # against any of the reference answers.
@@ -80,9 +78,6 @@ def triviaqa(text: str, doc: dict[str, Any]) -> dict[str, float]:
     return {"exact_match": exact_match_any(text, doc["answer"]["aliases"])}
 
 
-nq_open.METRICS = triviaqa.METRICS = ("exact_match",)  # type: ignore[attr-defined]
-nq_open.ANSWER = triviaqa.ANSWER = lambda text: {"exact_match": normalize_answer(text)}  # type: ignore[attr-defined]
-
 # BBH with chain of thought (Suzgun et al. 2022): the answer is what follows the last "the answer is"
 # in the generation, without a final period, compared exactly with the target.
 _BBH_ANSWER = re.compile(r"the answer is ", re.IGNORECASE)
@@ -99,9 +94,6 @@ def bbh_extract(text: str) -> str:
 def bbh(text: str, doc: dict[str, Any]) -> dict[str, float]:
     return {"exact_match": float(bbh_extract(text) == doc["target"].strip())}
 
-
-bbh.METRICS = ("exact_match",)  # type: ignore[attr-defined]
-bbh.ANSWER = lambda text: {"exact_match": bbh_extract(text)}  # type: ignore[attr-defined]
 
 # DROP (Dua et al. 2019), the official answer comparison: an answer is a bag of spans; each span is
 # lower-cased, split on spaces and hyphens, punctuation removed (except from numbers), numbers
@@ -164,9 +156,6 @@ def drop(text: str, doc: dict[str, Any]) -> dict[str, float]:
     scores = [drop_em_f1([text.strip()], g) for g in golds if g]
     return {"exact_match": max(s[0] for s in scores), "f1": max(s[1] for s in scores)}
 
-
-drop.METRICS = ("exact_match", "f1")  # type: ignore[attr-defined]
-drop.ANSWER = lambda text: dict.fromkeys(("exact_match", "f1"), drop_normalize(text.strip()))  # type: ignore[attr-defined]
 
 # MATH with the Minerva protocol (Lewkowycz et al. 2022): the answer is what follows the last
 # "final answer is" (else the last \boxed{...}), normalised by Minerva's normalize_final_answer
@@ -232,10 +221,7 @@ def math(text: str, doc: dict[str, Any]) -> dict[str, float]:
     return {"exact_match": float(math_extract(text) == minerva_normalize(doc["answer"]))}
 
 
-math.METRICS = ("exact_match",)  # type: ignore[attr-defined]
-math.ANSWER = lambda text: {"exact_match": math_extract(text)}  # type: ignore[attr-defined]
-
-# Code (HumanEval, MBPP): a scorer's PROGRAM(text, doc) is the sample to execute: the candidate's
+# Code (HumanEval, MBPP): a scorer's program(text, doc) is the sample to execute: the candidate's
 # code for the sandbox and the task's tests for the judge (evalsuite.execution); the scorer reads the
 # verdict.
 def humaneval_program(completion: str, doc: dict[str, Any]) -> Program:
@@ -273,14 +259,31 @@ def mbpp_program(code: str, doc: dict[str, Any]) -> Program:
                    prelude="".join(f"import {m}\n" for m in modules), unjudgeable=unjudgeable)
 
 
-def _code_scorer(program: Callable[[str, dict[str, Any]], str]):
-    def score(text: str, doc: dict[str, Any], outcome) -> dict[str, float]:
-        """pass@1 of one sample: whether its program ran to the end in the sandbox."""
-        return {"pass@1": float(outcome.passed)}
-    score.PROGRAM, score.METRICS = program, ("pass@1",)  # type: ignore[attr-defined]
-    return score
+def code_passed(text: str, doc: dict[str, Any], outcome) -> dict[str, float]:
+    """pass@1 of one sample: whether its program ran to the end in the sandbox."""
+    return {"pass@1": float(outcome.passed)}
 
 
-SCORERS: dict[str, Callable[..., dict[str, float]]] = {
-    "gsm8k": gsm8k, "nq_open": nq_open, "triviaqa": triviaqa, "bbh": bbh, "drop": drop, "math": math,
-    "humaneval": _code_scorer(humaneval_program), "mbpp": _code_scorer(mbpp_program)}
+@dataclass(frozen=True)
+class Scorer:
+    """How a generate task's answers are scored; a task names one (`scorer: gsm8k`) and lists
+    metrics among its `metrics`."""
+    score: Callable[..., dict[str, float]]  # (text, doc) -> {metric: 0.0..1.0}; code: (text, doc, outcome)
+    metrics: tuple[str, ...]
+    answer: Callable[[str], dict[str, str]] | None = None  # per metric, the extracted answer maj@n votes on
+    program: Callable[[str, dict[str, Any]], Program] | None = None  # code tasks: the sample to execute
+    continuous: tuple[str, ...] = ()  # metrics that are not pass/fail (no pass@k for them)
+
+
+SCORERS: dict[str, Scorer] = {
+    "gsm8k": Scorer(gsm8k, ("exact_match_strict", "exact_match_flexible"),
+                    answer=lambda text: {f"exact_match_{k}": v for k, v in gsm8k_extract(text).items()}),
+    "nq_open": Scorer(nq_open, ("exact_match",), answer=lambda text: {"exact_match": normalize_answer(text)}),
+    "triviaqa": Scorer(triviaqa, ("exact_match",), answer=lambda text: {"exact_match": normalize_answer(text)}),
+    "bbh": Scorer(bbh, ("exact_match",), answer=lambda text: {"exact_match": bbh_extract(text)}),
+    "drop": Scorer(drop, ("exact_match", "f1"), continuous=("f1",),
+                   answer=lambda text: dict.fromkeys(("exact_match", "f1"), drop_normalize(text.strip()))),
+    "math": Scorer(math, ("exact_match",), answer=lambda text: {"exact_match": math_extract(text)}),
+    "humaneval": Scorer(code_passed, ("pass@1",), program=humaneval_program),
+    "mbpp": Scorer(code_passed, ("pass@1",), program=mbpp_program),
+}

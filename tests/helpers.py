@@ -137,3 +137,14 @@ def cache_rows(cache_dir) -> dict[str, int]:
         except sqlite3.OperationalError:
             out[f.stem] = 0
     return out
+
+
+def settings(**kw):
+    """Run settings for evaluate.run in tests: the result cache off and no progress bars unless given;
+    `execution` may be a dict and `sampling` names the generation settings."""
+    from evalsuite.settings import ExecutionSettings, Settings
+    if isinstance(kw.get("execution"), dict):
+        kw["execution"] = ExecutionSettings(**kw["execution"])
+    if "sampling" in kw:
+        kw["generation"] = kw.pop("sampling")
+    return Settings(**{"cache": "off", "progress": False, **kw})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import settings
 
 PROMPTS = [
     "The capital of France is",
@@ -85,7 +86,7 @@ def test_gsm8k_greedy_generations_match_transformers_generate(ours_270m, hf_270m
 
 def test_compare_flags_a_perturbed_model_and_passes_the_same_model(ours_270m, tmp_path):
     from evalsuite import compare, evaluate
-    run = lambda d: evaluate.run(ours_270m, ["arc_e"], tmp_path / d, limit=100, progress=False)  # noqa: E731
+    run = lambda d: evaluate.run(ours_270m, ["arc_e"], tmp_path / d, settings(limit=100))  # noqa: E731
     run("base")
     run("again")
     # Plant a regression: noise as large as the weights themselves in every MLP down-projection.

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evalsuite import cache as result_cache
-from helpers import cache_rows
+from helpers import cache_rows, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,8 +105,8 @@ def test_one_changed_weight_invalidates_the_cache(tiny_folder, tmp_path):
     cache_dir = tmp_path / "cache"
 
     def run(name):
-        res = evaluate.run(load_model(str(folder)), ["arc_e"], tmp_path / name, limit=3, progress=False,
-                           cache="write", cache_dir=cache_dir)
+        res = evaluate.run(load_model(str(folder)), ["arc_e"], tmp_path / name,
+                           settings(limit=3, cache="write", cache_dir=cache_dir))
         return res["cache"]
 
     first = run("a")
@@ -130,8 +130,7 @@ def test_cache_modes_and_code_version(tiny_folder, tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
 
     def run(mode, name):
-        return evaluate.run(lm, ["arc_e"], tmp_path / name, limit=2, progress=False, cache=mode,
-                            cache_dir=cache_dir)["cache"]
+        return evaluate.run(lm, ["arc_e"], tmp_path / name, settings(limit=2, cache=mode, cache_dir=cache_dir))["cache"]
 
     assert run("read", "r0")["requests_from_cache"] == 0 and _rows(cache_dir) == 0  # read adds nothing
     n = run("write", "w")["requests_computed"]
@@ -157,8 +156,9 @@ def _handle(overrides, capsys):
     from hydra import compose, initialize_config_dir
 
     from evalsuite.__main__ import CONF_DIR, handle
+    from evalsuite.settings import normalize_overrides
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose("config", overrides=["progress=false", *overrides])
+        cfg = compose("config", overrides=normalize_overrides(["progress=false", *overrides]))
     with pytest.raises(SystemExit) as exit_info:
         handle(cfg)
     err = capsys.readouterr().err
@@ -282,3 +282,39 @@ def test_the_command_line_prints_no_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "/nowhere/gemma" in proc.stderr
     proc = _run("+tasks=arc_e", "model.path=/nowhere/gemma", "model.preset=null", "debug=true", cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("limit=-3", "limit=-3: expected null (all items) or a whole number >= 1"),
+    ("limit=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+    ("num_fewshot=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+    ("batch_size=0", "batch_size=0: expected a whole number >= 1"),
+    ("lmit=3", "Key 'lmit' not in 'Settings'"),
+    ("model=gemma9_9b", "Could not find 'model/gemma9_9b'"),
+    ("+tasks=arc_x", "unknown task 'arc_x'"),
+])
+def test_bad_settings_exit_2_with_one_paragraph(tmp_path, override, message):
+    tasks = [] if "tasks=" in override else ["+tasks=arc_e"]
+    proc = _run(*tasks, override, f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert override.split("=")[0].lstrip("+") in proc.stderr  # the message names the key
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_tasks_with_or_without_plus_and_strict_json_results(tiny_folder, tmp_path):
+    def parse_strict(text):
+        def refuse(constant):
+            raise ValueError(f"{constant} in strict JSON")
+        return json.loads(text, parse_constant=refuse)
+
+    for form in ("+tasks=arc_e", "tasks=arc_e"):
+        out = tmp_path / ("plus" if form.startswith("+") else "plain")
+        proc = _run(form, "limit=1", f"model.path={tiny_folder}", "model.preset=null", "progress=false",
+                    "cache=off", f"output_dir={out}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        res = parse_strict((_run_dir(out) / "results.json").read_text())  # one item: no standard error
+        acc = res["tasks"]["arc_e"]["metrics"]["acc"]
+        assert res["schema_version"] == 1 and acc["stderr"] is None and "1 item" in acc["null_reason"]
+        for line in (_run_dir(out) / "samples_arc_e.jsonl").read_text().splitlines():
+            parse_strict(line)

@@ -14,6 +14,7 @@ import torch
 from evalsuite.backends import HFBackend
 from evalsuite.model import load_model
 from evalsuite.runner import Chat, Generation, Loglikelihood, Runner
+from helpers import settings
 
 FEWSHOT = "".join(f"Question: What is {i} plus {i}?\nAnswer: {2 * i}\n\n" for i in range(2, 7))
 
@@ -294,7 +295,9 @@ def test_chat_items_score_through_the_runner(ours):
 
 def test_evaluate_runs_generate_and_choice_tasks_together(ours, tmp_path):
     from evalsuite import evaluate
-    res = evaluate.run(ours, ["gsm8k", "piqa"], tmp_path, limit=2, num_fewshot=1, progress=False)
+    from evalsuite import report
+    res = evaluate.run(ours, ["gsm8k", "piqa"], tmp_path, settings(limit=2, num_fewshot=1))
+    report.publish(tmp_path, res)
     g = res["tasks"]["gsm8k"]
     assert g["num_items"] == 2 and set(g["metrics"]) == {"exact_match_strict", "exact_match_flexible"}
     assert res["timing"]["tokens_generated"] > 0 and res["tasks"]["piqa"]["num_items"] == 2
@@ -307,7 +310,7 @@ def test_evaluate_runs_generate_and_choice_tasks_together(ours, tmp_path):
 def test_macro_average_over_subtasks(ours, tmp_path):
     from evalsuite import evaluate
     # A macro-averaged choice task before generation tasks: results of both types stay aligned.
-    res = evaluate.run(ours, ["agieval", "bbh", "gsm8k"], tmp_path, limit=1, progress=False)
+    res = evaluate.run(ours, ["agieval", "bbh", "gsm8k"], tmp_path, settings(limit=1))
     assert res["tasks"]["agieval"]["num_items"] == 8 and len(res["tasks"]["agieval"]["groups"]) == 8
     t = res["tasks"]["bbh"]
     assert t["num_items"] == 27 and len(t["groups"]) == 27
@@ -317,8 +320,9 @@ def test_macro_average_over_subtasks(ours, tmp_path):
 
 def test_several_samples_per_prompt(ours, tmp_path):
     from evalsuite import evaluate
-    sampling = evaluate.Sampling(n=3, temperature=1.0)
-    res = evaluate.run(ours, ["gsm8k"], tmp_path, limit=2, progress=False, sampling=sampling)
+    from evalsuite.settings import Sampling
+    sampling = Sampling(n=3, temperature=1.0)
+    res = evaluate.run(ours, ["gsm8k"], tmp_path, settings(limit=2, sampling=sampling))
     t = res["tasks"]["gsm8k"]
     assert t["primary"] == "maj@3_exact_match_flexible" and t["sampling"]["n"] == 3
     assert "maj@3_exact_match_strict" in t["metrics"] and "pass@3_exact_match_flexible" in t["metrics"]
@@ -328,7 +332,7 @@ def test_several_samples_per_prompt(ours, tmp_path):
     # A random tiny model at temperature 1 draws different samples; seeds are per (item, sample), so a
     # second run reproduces them exactly.
     assert len(set(recs[0]["generation"])) > 1
-    again = evaluate.run(ours, ["gsm8k"], tmp_path / "again", limit=2, progress=False, sampling=sampling)
+    again = evaluate.run(ours, ["gsm8k"], tmp_path / "again", settings(limit=2, sampling=sampling))
     recs2 = [json.loads(line) for line in (tmp_path / "again" / "samples_gsm8k.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in recs] == [r["generation"] for r in recs2]
     assert again["tasks"]["gsm8k"]["metrics"] == t["metrics"]
@@ -339,8 +343,8 @@ def test_code_tasks_run_their_programs_in_the_sandbox(ours, tmp_path):
     why = execution.bwrap_available()
     if why:
         pytest.skip(f"no sandbox here: {why}")
-    res = evaluate.run(ours, ["humaneval", "mbpp"], tmp_path, limit=2, progress=False,
-                       execution={"sandbox": "bwrap", "timeout_s": 5})
+    res = evaluate.run(ours, ["humaneval", "mbpp"], tmp_path,
+                       settings(limit=2, execution={"sandbox": "bwrap", "timeout_s": 5}))
     for name in ("humaneval", "mbpp"):
         t = res["tasks"][name]
         assert t["primary"] == "pass@1" and t["num_items"] == 2
@@ -350,7 +354,7 @@ def test_code_tasks_run_their_programs_in_the_sandbox(ours, tmp_path):
         assert all(r["execution"]["status"] in ("failed", "timeout", "killed") for r in recs)
         assert t["metrics"]["pass@1"]["value"] == 0.0
     # sandbox=none runs, and says so where the results are read.
-    res = evaluate.run(ours, ["humaneval"], tmp_path / "none", limit=1, progress=False, execution={"sandbox": "none"})
+    res = evaluate.run(ours, ["humaneval"], tmp_path / "none", settings(limit=1, execution={"sandbox": "none"}))
     assert res["tasks"]["humaneval"]["execution"]["sandbox"] == "none"
     assert any("WITHOUT a sandbox" in d for d in res["tasks"]["humaneval"]["deviations"])
 
@@ -364,7 +368,8 @@ def test_a_sample_the_harness_could_not_execute_is_not_scored(ours, tmp_path, mo
     monkeypatch.setattr(evaluate, "run_all", run_all)
     # and a machine where no cgroup can be had: results.json and the report say which bounds hold
     monkeypatch.setattr(evaluate, "containment", lambda: {"cgroup": None, "why_no_cgroup": "planted", "bounds": "B"})
-    res = evaluate.run(ours, ["humaneval"], tmp_path, limit=3, progress=False, execution={"sandbox": "none"})
+    res = evaluate.run(ours, ["humaneval"], tmp_path, settings(limit=3, execution={"sandbox": "none"}))
+    report.publish(tmp_path, res)
     t = res["tasks"]["humaneval"]
     assert t["num_items"] == 2 and t["unscored_items"] == [0] and t["metrics"]["pass@1"]["value"] == 0.0
     assert any("1 items not scored" in d for d in t["deviations"])

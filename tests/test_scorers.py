@@ -41,13 +41,29 @@ def test_generate_task_spec_builds_generation_requests():
     assert len({it.requests[0].context.rsplit("Question: ", 1)[0] for it in items}) == 1
 
 
+_GEN = ("name: bad\nversion: 1\npaper_row: a row\ndata: {file: gsm8k/test.jsonl.gz}\nfields: [question, answer]\n"
+        "fewshot: {count: 0}\nkind: generate\nprompt: 'Q'\ntarget: 'A'\ngeneration: {max_tokens: 4}\nscorer: gsm8k\n"
+        "metrics: [exact_match_strict]\nprimary: exact_match_strict\n")
+
+
 @pytest.mark.parametrize("spec, message", [
-    ("name: bad\nversion: 1\ndata: {file: gsm8k/test.jsonl.gz}\nfields: [question, answer]\nfewshot: {count: 0}\n"
-     "kind: generate\nprompt: 'Q'\ntarget: 'A'\ngeneration: {max_tokens: 4}\nscorer: gsm9k\n"
-     "metrics: [exact_match_strict]\nprimary: exact_match_strict\n", "scorer='gsm9k', expected one of .*gsm8k"),
-    ("name: bad\nversion: 1\ndata: {file: gsm8k/test.jsonl.gz}\nfields: [question]\nfewshot: {count: 0}\n"
-     "kind: multiple_choice\nprompt: 'Q'\nchoices: '[]'\ngold: '0'\nprompt: 'again'\nmetrics: [acc]\nprimary: acc\n",
-     "bad/task.yaml: line 10: field 'prompt' is given twice"),
+    (_GEN.replace("scorer: gsm8k", "scorer: gsm9k"), "scorer='gsm9k', expected one of .*gsm8k"),
+    ("name: bad\nversion: 1\npaper_row: a row\ndata: {file: gsm8k/test.jsonl.gz}\nfields: [question]\n"
+     "fewshot: {count: 0}\nkind: multiple_choice\nprompt: 'Q'\nchoices: '[]'\ngold: '0'\nprompt: 'again'\n"
+     "metrics: [acc]\nprimary: acc\n", "bad/task.yaml: line 11: field 'prompt' is given twice"),
+    # a misspelt key would silently change the protocol: refused, with the closest valid name
+    (_GEN.replace("fewshot: {count: 0}", "fewshot: {count: 0, smae: subject}"),
+     r"bad/task.yaml: fewshot: unknown key 'smae'; did you mean 'same'\?"),
+    (_GEN.replace("generation: {max_tokens: 4}", "generation: {max_tokens: 4, stops: [x]}"),
+     r"generation: unknown key 'stops'; did you mean 'stop'\?"),
+    (_GEN + "macroby: task\n", r"unknown key 'macroby'; did you mean 'macro_by'\?"),
+    (_GEN.replace("primary: exact_match_strict", "primary: exact_match_flexible"),
+     r"primary='exact_match_flexible' is not among metrics \['exact_match_strict'\]"),
+    (_GEN.replace("name: bad", "name: gsm8k"), "name='gsm8k', expected the folder's name 'bad'"),
+    (_GEN.replace("max_tokens: 4", "max_tokens: many"), "generation: max_tokens: expected int, got 'many'"),
+    (_GEN.replace("version: 1\n", ""), "missing key 'version'"),
+    (_GEN.replace("kind: generate", "kind: ranking"), "kind='ranking', expected one of"),
+    (_GEN.replace("prompt: 'Q'\n", ""), "a generate task needs field 'prompt'"),
 ])
 def test_bad_task_spec_is_a_clear_error(tmp_path, monkeypatch, spec, message):
     (tmp_path / "bad").mkdir()
@@ -237,25 +253,28 @@ def test_majority_vote_ignores_samples_without_an_answer():
 
 
 def test_maj_at_n_and_pass_at_k_from_samples():
-    from evalsuite.evaluate import Sampling
-    from evalsuite.runner import GenerationResult
-    spec = tasks.load_spec("gsm8k")
+    from evalsuite.kinds import KINDS, Item
+    from evalsuite.requests import GenerationResult
+    from evalsuite.settings import Sampling
+    spec, kind = tasks.load_spec("gsm8k"), KINDS["generate"]
     doc = {"question": "?", "answer": "#### 12"}
+    item = Item("gsm8k", 0, doc, [], "#### 12", [], "?")
     texts = [" So 11.\n#### 11", " It is 12.\n#### 12", " 10 + 2 = 12", " We get 11 apples"]
     s = Sampling(n=4, temperature=0.7)
-    assert s.metric_names(spec) == ["exact_match_strict", "exact_match_flexible", "maj@4_exact_match_strict",
+    assert kind.metric_names(spec, s) == ["exact_match_strict", "exact_match_flexible", "maj@4_exact_match_strict",
                                     "maj@4_exact_match_flexible", "pass@4_exact_match_strict",
                                     "pass@4_exact_match_flexible"]
-    got, per_sample, answers = s.score(spec, [GenerationResult(t) for t in texts], doc)
+    got = kind.score(spec, item, [GenerationResult(t) for t in texts], None, s).scores
     # strict answers: 11, 12, -, - -> the two answered samples tie, 11 came first -> wrong.
     # flexible answers: 11, 12, 12, 11 -> tie, 11 first -> wrong; 1 strict and 2 flexible of 4 correct.
     assert got == {"exact_match_strict": 0.25, "exact_match_flexible": 0.5, "maj@4_exact_match_strict": 0.0,
                    "maj@4_exact_match_flexible": 0.0, "pass@4_exact_match_strict": 1.0,
                    "pass@4_exact_match_flexible": 1.0}
     texts[0] = " So 12.\n#### 12"
-    got, _, _ = s.score(spec, [GenerationResult(t) for t in texts], doc)
+    got = kind.score(spec, item, [GenerationResult(t) for t in texts], None, s).scores
     assert got["maj@4_exact_match_strict"] == 1.0 and got["maj@4_exact_match_flexible"] == 1.0
-    assert s.primary(spec) == "maj@4_exact_match_flexible" and Sampling().primary(spec) == "exact_match_flexible"
+    assert kind.primary(spec, s) == "maj@4_exact_match_flexible"
+    assert kind.primary(spec, Sampling()) == "exact_match_flexible"
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -265,6 +284,6 @@ def test_maj_at_n_and_pass_at_k_from_samples():
     ({"top_p": 1.5}, "generation.top_p=1.5"),
 ])
 def test_sampling_settings_are_checked(kwargs, message):
-    from evalsuite.evaluate import Sampling
+    from evalsuite.settings import Sampling
     with pytest.raises(ValueError, match=message):
         Sampling(**kwargs)

