@@ -6,7 +6,7 @@ of everything that decides the result:
   * the model: weights fingerprint (sha256 of the weight files), tokenizer, dtype, device type,
     attention path (blocks or flex);
   * the numerics: a hash of the source of the code that computes results (evalsuite/model/*.py,
-    runner.py, backends.py), the torch version (and transformers' for the hf backend), TF32 flags;
+    requests, runner, batching, scoring, generation, backends), the torch version (and transformers' for the hf backend), TF32 flags;
   * the request as run: its token ids (a tokenizer change changes them), and for generation the
     stop strings, max_tokens and sampling settings with the request's own seed.
 A change to any of these gives new keys, so a stale result is never served; old entries are simply
@@ -41,8 +41,8 @@ def check_mode(mode: str) -> None:
 
 _PACKAGE = Path(__file__).resolve().parent
 # The code whose change can change a result: the network, weight loading, tokenizer, the runner.
-CODE_FILES = sorted([*(_PACKAGE / "model").glob("*.py"), _PACKAGE / "requests.py", _PACKAGE / "runner.py",
-                     _PACKAGE / "backends.py"])
+CODE_FILES = sorted([*(_PACKAGE / "model").glob("*.py"), *(_PACKAGE / f"{name}.py" for name in (
+    "requests", "runner", "batching", "scoring", "generation", "backends"))])
 
 
 def code_version() -> str:

@@ -100,12 +100,13 @@ def run(model, task_names: list[str], out_dir: Path, settings: Settings | None =
                      **{f"task {b.name}": fingerprint([b.provenance["data_sha256"], b.provenance["fewshot_sha256"],
                                                        [(it.index, it.requests, it.gold) for it in b.items]])
                         for b in built}})
+    cache = getattr(engine, "cache", None)  # the runner's result cache (a backend answering requests has none)
     t0 = time.perf_counter()
     try:
         answers, requests = answer_requests(engine, built, settings)
     finally:
-        if getattr(engine, "cache", None) is not None:
-            engine.cache.close()
+        if cache is not None:
+            cache.close()
     score_seconds = time.perf_counter() - t0
     per_rank = world.all_gather({"scoring_seconds": score_seconds, "gather_seconds": getattr(engine, "gather_seconds", 0.0),
                                  **{c: getattr(engine, c, 0) for c in COUNTS}})
@@ -123,7 +124,7 @@ def run(model, task_names: list[str], out_dir: Path, settings: Settings | None =
                 "tokens_generated": total["tokens_generated"],
                 "tokens_per_second": total["tokens_forwarded"] / score_seconds if score_seconds else None,
                 "oom_splits": total["oom_splits"]},  # batches halved after running out of memory
-        cache={"mode": settings.cache, "dir": str(engine.cache.folder) if getattr(engine, "cache", None) else None,
+        cache={"mode": settings.cache if cache else "off", "dir": str(cache.folder) if cache else None,
                "requests_from_cache": total["from_cache"], "requests_computed": total["computed"]},
         distributed={"world_size": world.size, "ranks": per_rank} if world.size > 1 else None)
     return records.write_results(out_dir, result)

@@ -10,6 +10,7 @@ on the kind.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ class Shots:
     delimiter: str
     chat: bool  # Gemma chat format: each example a user turn and a model turn
 
-    @property
+    @functools.cached_property
     def prefix(self) -> str:
         return self.description + "".join(p + a + self.delimiter for p, a in self.examples)
 
@@ -133,13 +134,18 @@ class MultipleChoice(TaskKind):
         return Item(spec.name, index, doc, requests, gold, choices, self.shown(spec, contexts, shots))
 
     def score(self, spec, item, results, outcomes, sampling):
+        record = self.record(spec, item, results)
+        return Scored({m: float(record.predictions[m] == item.gold) for m in spec.metrics}, record)
+
+    def record(self, spec: TaskSpec, item: Item, results: list) -> ChoiceRecord:
+        """The item's log-likelihoods and the choice each of the spec's choice metrics predicts."""
         lps = [r.logprob for r in results]
         preds = metrics.choice_predictions(lps, item.choices)
-        got = {m: float(preds[m] == item.gold) for m in spec.metrics}
-        return Scored(got, ChoiceRecord(
+        return ChoiceRecord(
             index=item.index, prompt=item.prompt, choices=item.choices, gold=item.gold, logprobs=lps,
             is_greedy=[r.is_greedy for r in results], num_tokens=[r.num_tokens for r in results],
-            predictions={m: preds[m] for m in spec.metrics}, fewshot_indices=item.fewshot_indices, doc=item.doc))
+            predictions={m: preds[m] for m in spec.metrics if m in preds}, fewshot_indices=item.fewshot_indices,
+            doc=item.doc)
 
 
 class MultipleChoiceContext(MultipleChoice):

@@ -19,7 +19,8 @@ Execution of log-likelihoods (backends with packing, i.e. ours):
     cache);
   * the vocabulary-sized head runs only at positions that predict a continuation token, in chunks.
 Backends without packing (transformers) get one plain causal row per request.
-Results always come back in input order.
+Results always come back in input order. The parts: batching.py plans batches (lengths only),
+scoring.py encodes contexts, packs rows and runs the head, generation.py decodes a batch.
 
 Under torchrun (world.size > 1) every rank encodes all requests, takes its share of the rows (cut in
 contiguous runs of equal cost, see distributed.shard: tokens through the network, a scored or
@@ -37,10 +38,12 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
+from . import batching, generation
 from .backends import as_backend
 from .distributed import World, shard
 from .requests import (Chat, Generation, GenerationResult, Loglikelihood, LoglikelihoodResult,  # noqa: F401
                        TooLong, split_pair)
+from .scoring import Encoder, LogprobHead, pack_rows
 
 
 class NumericsError(RuntimeError):
@@ -92,8 +95,13 @@ class Runner:
         self.tokens_forwarded = 0  # real (non-padding) tokens through the network
         self.tokens_generated = 0
         self.gather_seconds = 0.0  # torchrun: time spent waiting for the other ranks' results
-        self._enc: dict[tuple[str, bool], tuple[int, ...]] = {}
-        self._logits_block: torch.Tensor | None = None  # see _head_logits
+        self.encoder = Encoder(self.backend)
+        self.head = LogprobHead(self.backend, head_chunk)
+
+    @property
+    def _shares(self) -> bool:
+        """Whether rows share a few-shot prefix's KV (the backend packs rows, and sharing is on)."""
+        return self.share_prefix and self.backend.packing
 
     def describe(self) -> dict:
         return self.backend.describe()
@@ -101,33 +109,9 @@ class Runner:
     def version_key(self) -> dict:
         return self.backend.version_key()
 
-    # ---- tokenization -------------------------------------------------------------------------
-    def _encode(self, text: str, bos: bool = False) -> tuple[int, ...]:
-        key = (text, bos)
-        if key not in self._enc:
-            self._enc[key] = tuple(self.backend.tokenizer.encode(text, bos=bos)) if text else (
-                (self.backend.tokenizer.bos_id,) if bos else ())
-        return self._enc[key]
-
-    def _turn(self, role: str, text: str, close: bool = True) -> tuple[int, ...]:
-        if self.backend.turn_ids is None:
-            raise ValueError("chat format requested but the model's vocabulary has no <start_of_turn>/<end_of_turn>")
-        sot, eot = self.backend.turn_ids
-        out = (sot, *self._encode(f"{role}\n{text}"))
-        return out + (eot, *self._encode("\n")) if close else out
-
     def encode_context(self, context: str | Chat, shared_prefix: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(prefix tokens, rest of the context) as the runner scores them; prefix is () when not shared."""
-        if isinstance(context, Chat):
-            pre = (self.backend.tokenizer.bos_id,)
-            for user, model in context.examples:
-                pre += self._turn("user", user) + self._turn("model", model)
-            body = self._turn("user", context.user) + self._turn("model", "", close=False)
-            return (pre, body) if context.examples else ((), pre + body)
-        shared_prefix = min(shared_prefix, len(context))
-        if shared_prefix:
-            return self._encode(context[:shared_prefix], bos=True), self._encode(context[shared_prefix:])
-        return (), self._encode(context, bos=True)
+        return self.encoder.context(context, shared_prefix)
 
     # ---- log-likelihood -----------------------------------------------------------------------
     def loglikelihood(self, requests) -> list[LoglikelihoodResult]:
@@ -142,7 +126,7 @@ class Runner:
             else:
                 context, continuation = split_pair(context, continuation)
             pre, body = self.encode_context(context, req.shared_prefix)
-            cont = self._encode(continuation)
+            cont = self.encoder.encode(continuation)
             if not cont:
                 raise ValueError(f"request {idx}: empty continuation {req.continuation!r}")
             if len(pre) + len(body) + len(cont) > self.max_length:
@@ -170,7 +154,7 @@ class Runner:
         win = self.max_length
         windows = []
         for idx, text in enumerate(texts):
-            seq = (self.backend.tokenizer.bos_id, *self._encode(text))
+            seq = (self.backend.tokenizer.bos_id, *self.encoder.encode(text))
             for a in range(1, len(seq), win - 1):
                 b = min(a + win - 1, len(seq))
                 windows.append(((idx, a), seq[max(0, b - win):a], seq[a:b]))
@@ -247,7 +231,8 @@ class Runner:
     def _score(self, rows, desc: str, store=None) -> dict:
         """rows: (prefix, context, [(key, continuation tokens)]) -> {key: (logprob, is_greedy, n)};
         store(batch results) is called after every batch."""
-        groups = self._group([(pre, body, sum(len(c) - 1 for _, c in conts), conts) for pre, body, conts in rows])
+        groups = batching.group(self._shares, [(pre, body, sum(len(c) - 1 for _, c in conts), conts)
+                                               for pre, body, conts in rows])
         out: dict = {}
         bar = tqdm(total=sum(len(c) for _, _, c in rows), desc=self._desc(desc), unit="req", disable=not self.progress)
         for batch, done in self._execute(groups, self._run_batch, self.batch_size):
@@ -258,61 +243,6 @@ class Runner:
         bar.close()
         return out
 
-    # ---- batching ------------------------------------------------------------------------------
-    def _group(self, rows) -> dict:
-        """rows: [(prefix, rest, tokens to follow, tag)] -> {prefix: [(span, (tokens to run, tag))]}.
-
-        A prefix used by several rows (with a non-empty rest) is shared: its rows run only their rest,
-        and their span (what counts against the token budget) leaves the prefix out, since its keys
-        are held once for the whole batch. Other rows go to the plain group () with their prefix as
-        ordinary tokens.
-        """
-        uses = Counter(pre for pre, rest, _, _ in rows if pre and rest)
-        groups: dict[tuple[int, ...], list] = {(): []}
-        for pre, rest, follow, tag in rows:
-            if pre and rest and uses[pre] > 1 and self.backend.packing and self.share_prefix:
-                groups.setdefault(pre, []).append((len(rest) + follow, (rest, tag)))
-            else:
-                groups[()].append((len(pre) + len(rest) + follow, (pre + rest, tag)))
-        return groups
-
-    def _room(self, rows: int, widest: int, most: int) -> bool:
-        """Whether a batch of `rows` rows (at most `most`), the widest spanning `widest` tokens, may
-        take one more row."""
-        return rows < most and (rows + 1) * widest <= self.token_budget
-
-    def _fill(self, rows, most: int) -> list[list]:
-        """rows: [(prefix, (span, item))] in order -> batches of at most `most` rows under the token budget."""
-        batches, batch, widest = [], [], 0
-        for row in rows:
-            if batch and not self._room(len(batch), max(widest, row[1][0]), most):
-                batches.append(batch)
-                batch, widest = [], 0
-            batch.append(row)
-            widest = max(widest, row[1][0])
-        return batches + [batch] if batch else batches
-
-    def _plan(self, groups: dict, most: int) -> list[list]:
-        """groups: {prefix: [(span, item)]}, span = tokens the item needs (see _group).
-
-        Each group is batched on its own, longest first, so that its batches share one prefix's KV.
-        The last, partly filled batch of every prefix group then goes to a pool that is batched
-        across prefixes (their caches are stacked): a task made of many small few-shot groups, such as
-        BBH's 27 subtasks at a small limit, still runs in full batches. The pool is ordered by prefix
-        length, since a stacked cache is as wide as its longest prefix (MMLU's 5-shot blocks run from
-        200 to 2,400 tokens), and keeps each prefix's rows together, so a prefix is needed by a few
-        consecutive batches only.
-        """
-        plan, pool = [], []
-        for pre, members in groups.items():
-            batches = self._fill([(pre, m) for m in sorted(members, key=lambda m: -m[0])], most)
-            if pre and batches and self._room(len(batches[-1]), max(m[0] for _, m in batches[-1]), most):
-                pool.append(batches.pop())
-            plan += batches
-        pool.sort(key=lambda rows: len(rows[0][0]))  # stable: equal lengths keep group order
-        # Rows of several prefixes get them copied into a stacked cache: there the prefix counts.
-        return plan + self._fill([(pre, (len(pre) + span, item)) for rows in pool for pre, (span, item) in rows], most)
-
     def _execute(self, groups: dict, run, most: int):
         """Runs every planned batch (at most `most` rows), yielding (items, run(items, cache, offsets)) per batch.
 
@@ -320,7 +250,7 @@ class Runner:
         is run once, batch 1, before its first batch and dropped after its last one. A batch that
         runs out of (CUDA) memory is split in halves and each half retried (counted in oom_splits).
         """
-        plan = self._plan(groups, most)
+        plan = batching.plan(groups, most, self.token_budget)
         last = {pre: i for i, batch in enumerate(plan) for pre, _ in batch}
         caches: dict[tuple[int, ...], object] = {}
         for i, batch in enumerate(plan):
@@ -364,35 +294,13 @@ class Runner:
 
     def _run_batch(self, batch, cache, offsets: list[int]) -> dict:
         """offsets: each row's prefix length (its tokens in `cache`); positions continue from it.
-
-        A continuation's last token is not run: its output predicts nothing that is scored and its key
-        is seen by no later token (nothing follows it in its segment). MMLU's one-token answers thus
-        add no tokens at all; the context's last position scores every choice's first token."""
-        dev, packing = self.backend.device, self.backend.packing
-        P = max(offsets)  # the cache's width (shorter prefixes are left-padded in it)
-        width = max(len(ctx) + sum(len(c) - 1 for _, c in conts) for ctx, conts in batch)
-        b = len(batch)
-        ids = torch.full((b, width), self.backend.tokenizer.pad_id, dtype=torch.long)
-        pos = torch.zeros(b, width, dtype=torch.long)
-        seg = torch.full((b, width), -1, dtype=torch.long)  # -1 padding, 0 context, k choice k
-        at = torch.zeros(b, width, dtype=torch.bool)  # positions whose logits are needed
-        targets = []  # per request: (key, row, [(position predicting it, token)])
-        for r, (ctx, conts) in enumerate(batch):
-            n, o = len(ctx), offsets[r]
-            ids[r, :n], pos[r, :n], seg[r, :n] = torch.tensor(ctx), torch.arange(o, o + n), 0
-            at[r, n - 1] = True
-            off = n
-            for k, (key, cont) in enumerate(conts, start=1):
-                m = len(cont) - 1  # tokens run: all but the last
-                ids[r, off:off + m], seg[r, off:off + m] = torch.tensor(cont[:-1], dtype=torch.long), k
-                pos[r, off:off + m] = torch.arange(o + n, o + n + m)
-                at[r, off:off + m] = True
-                preds = [n - 1] + list(range(off, off + m))
-                targets.append((key, r, list(zip(preds, cont))))
-                off += m
+        -> {key: (log-prob, is greedy, tokens)} for every continuation of the batch's rows."""
+        dev, b = self.backend.device, len(batch)
+        ids, pos, seg, at, targets = pack_rows(batch, offsets, self.backend.tokenizer.pad_id)
+        width, P = ids.shape[1], max(offsets)  # P: the cache's width (shorter prefixes are left-padded in it)
         valid = seg >= 0
         attend = None
-        if packing:
+        if self.backend.packing:
             attend = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
             if P:
                 attend = torch.cat([torch.ones(b, width, P, dtype=torch.bool), attend], dim=2)
@@ -406,25 +314,7 @@ class Runner:
             for p, t in pairs:
                 rows_idx.append(where[(r, p)])
                 toks.append(t)
-        rows_idx_t = torch.tensor(rows_idx, device=dev)
-        toks_t = torch.tensor(toks, device=dev)
-        lp_all = torch.empty(len(toks), dtype=torch.float32, device=dev)
-        greedy_all = torch.empty(len(toks), dtype=torch.bool, device=dev)
-        # The head runs once per selected position (the context's last position is shared by all
-        # choices), in chunks to bound the (chunk, vocab) fp32 logits. log p(token) = logit -
-        # logsumexp, greedy = logit equals the max; the logsumexp is computed in place (as
-        # torch.logsumexp does it, without its two chunk-sized temporaries).
-        for start in range(0, sel.shape[0], self.head_chunk):
-            logits = self._head_logits(sel[start:start + self.head_chunk])
-            mine = (rows_idx_t >= start) & (rows_idx_t < start + self.head_chunk)
-            local, tk = rows_idx_t[mine] - start, toks_t[mine]
-            picked = logits[local, tk]
-            top = logits.amax(dim=-1)
-            lse = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_().add_(top)
-            self._check_finite(lse)  # NaN or inf anywhere in a row makes its logsumexp non-finite
-            lp_all[mine] = picked - lse[local]
-            greedy_all[mine] = picked >= top[local]
-        lp_all, greedy_all = lp_all.cpu(), greedy_all.cpu()
+        lp_all, greedy_all = self.head.logprobs(sel, rows_idx, toks, self._check_finite)
         self.tokens_forwarded += int(valid.sum())
         self.tokens_scored += len(toks)
         out, k = {}, 0
@@ -433,19 +323,6 @@ class Runner:
             out[key] = (float(lp_all[k:k + m].sum()), bool(greedy_all[k:k + m].all()), m)
             k += m
         return out
-
-    def _head_logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of `rows` (at most head_chunk hidden states) that the caller may overwrite.
-
-        They go into one (head_chunk, vocab) block kept for the runner's life: allocated afresh for
-        every chunk, Gemma 3's 268 MB blocks of varying row counts fragmented malloc's heap, whose
-        peak then varied from run to run by up to 1 GB.
-        """
-        buf = self._logits_block  # head_chunk rows, the most a chunk has
-        logits = self.backend.head(rows, out=None if buf is None else buf[:rows.shape[0]])
-        if buf is None and rows.shape[0] == self.head_chunk:
-            self._logits_block = logits
-        return logits.float()  # bf16 models: a fp32 copy
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -467,12 +344,17 @@ class Runner:
             len(encoded[i][0]) / uses[encoded[i][0]], len(encoded[i][1]), requests[i].max_tokens))
         results: dict[int, GenerationResult] = {i: GenerationResult(*v)
                                                 for i, v in self._cached({i: keys[i] for i in mine}).items()}
-        groups = self._group([(*encoded[idx], requests[idx].max_tokens, idx) for idx in mine if idx not in results])
+        groups = batching.group(self._shares, [(*encoded[idx], requests[idx].max_tokens, idx)
+                                               for idx in mine if idx not in results])
         bar = tqdm(total=len(mine), initial=len(results), desc=self._desc("generate_until"), unit="req",
                    disable=not self.progress)
 
         def run(batch, cache, offsets):
-            return self._generate_batch([p for p, _ in batch], [requests[i] for _, i in batch], cache, offsets)
+            outs, forwarded, generated = generation.decode_batch(
+                self.backend, [p for p, _ in batch], [requests[i] for _, i in batch], cache, offsets, self._check_finite)
+            self.tokens_forwarded += forwarded
+            self.tokens_generated += generated
+            return outs
 
         for batch, outs in self._execute(groups, run, self.generate_batch_size):
             done = {i: res for (_, i), res in zip(batch, outs)}
@@ -482,79 +364,3 @@ class Runner:
         bar.close()
         results = self._gather(results)
         return [results[i] for i in range(len(requests))]
-
-    def _generate_batch(self, prompts, reqs, cache, offsets: list[int]) -> list[GenerationResult]:
-        """cache: the rows' prefixes (offsets[r] tokens each) or None; prompts continue after them."""
-        be, dev = self.backend, self.backend.device
-        b, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((b, width), be.tokenizer.pad_id, dtype=torch.long)
-        valid = torch.zeros(b, width, dtype=torch.bool)
-        pos = torch.zeros(b, width, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p):], valid[r, width - len(p):] = torch.tensor(p), True
-            pos[r, width - len(p):] = torch.arange(offsets[r], offsets[r] + len(p))
-        next_pos = torch.tensor([o + len(p) for o, p in zip(offsets, prompts)])
-        gens = [torch.Generator().manual_seed(q.seed) for q in reqs]
-        cache = cache if cache is not None else be.new_cache()
-        last = torch.zeros(b, width, dtype=torch.bool)
-        last[:, -1] = True  # prompts are left-padded: every row ends in the last column
-        h = be.hidden(ids.to(dev), pos.to(dev), valid.to(dev), cache=cache, needed=last.to(dev))[:, -1]
-        self.tokens_forwarded += int(valid.sum())
-        # The prompt's logits give the first token; every later one takes a decoding step.
-        cache = be.start_decoding(cache, max(q.max_tokens for q in reqs) - 1)
-        active = list(range(b))  # original row of each live batch row
-        out_tokens: list[list[int]] = [[] for _ in range(b)]
-        done: list[GenerationResult | None] = [None] * b
-        while active:
-            logits = be.head(h).float().cpu()
-            self._check_finite(logits)
-            nxt = []
-            for j, r in enumerate(active):
-                tok = _pick(logits[j], reqs[r], gens[r])
-                out_tokens[r].append(tok)
-                nxt.append(tok)
-                res = self._finished(out_tokens[r], reqs[r])
-                if res is not None:
-                    done[r] = res
-            self.tokens_generated += len(active)
-            keep = [j for j, r in enumerate(active) if done[r] is None]
-            if not keep:
-                break
-            if len(keep) < len(active):
-                rows_t = torch.tensor(keep, device=dev)
-                cache = be.select_cache(cache, rows_t)
-                nxt = [nxt[j] for j in keep]
-                active = [active[j] for j in keep]
-            step_pos = next_pos[active]
-            next_pos[active] += 1
-            h = be.decode(cache, torch.tensor(nxt, device=dev), step_pos.to(dev))
-        return done  # type: ignore[return-value]
-
-    def _finished(self, toks: list[int], req: Generation) -> GenerationResult | None:
-        if toks[-1] in self.backend.stop_ids:
-            return GenerationResult(self.backend.tokenizer.decode(toks[:-1]), toks[:-1], "eos")
-        if req.stop:
-            text = self.backend.tokenizer.decode(toks)
-            # Decoded in full: a stop string may span several tokens, and pieces can merge on decode.
-            hits = [i for i in (text.find(s) for s in req.stop) if i >= 0]
-            if hits:
-                return GenerationResult(text[:min(hits)], toks, "stop")
-        if len(toks) >= req.max_tokens:
-            return GenerationResult(self.backend.tokenizer.decode(toks), toks, "length")
-        return None
-
-
-def _pick(logits: torch.Tensor, req: Generation, gen: torch.Generator) -> int:
-    if req.temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / req.temperature
-    if req.top_k > 0:
-        kth = torch.topk(logits, min(req.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if req.top_p < 1.0:
-        srt, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(srt, -1).cumsum(-1)
-        drop = cum - torch.softmax(srt, -1) > req.top_p  # keep the smallest set whose mass reaches top_p
-        logits = logits.clone()
-        logits[order[drop]] = float("-inf")
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))

@@ -165,3 +165,67 @@ def test_settings_schema_defaults_are_the_documented_config():
     documented = {k: v for k, v in documented.items() if k not in ("defaults", "hydra")}
     schema = {k: v for k, v in dataclasses.asdict(Settings()).items() if k not in ("tasks", "model")}
     assert documented == schema
+
+
+class _AnswersRequests:
+    """A backend that only answers requests (as an inference server would): log p(continuation) is
+    minus its length in characters."""
+
+    def loglikelihood(self, requests):
+        from evalsuite.requests import LoglikelihoodResult
+        return [LoglikelihoodResult(-float(len(r.continuation)), False, 1) for r in requests]
+
+    def loglikelihood_rolling(self, texts):
+        raise NotImplementedError
+
+    def generate_until(self, requests):
+        raise NotImplementedError
+
+    def describe(self):
+        return {"backend": "fake", "source": "test", "fingerprint_sha256": None}
+
+    def version_key(self):
+        return {"backend": "fake"}
+
+
+def test_a_new_task_kind_is_one_class_and_a_task_folder(tmp_path, monkeypatch):
+    """The seam: a kind scoring the probability mass of the true choices (TruthfulQA's MC2 rule),
+    registered as one class, run by evaluate through a backend that only answers requests."""
+    import math
+
+    from evalsuite import evaluate, kinds
+    from evalsuite.settings import Settings
+
+    class TrueMass(kinds.MultipleChoice):
+        templates = ("prompt", "choices", "gold")
+
+        def allowed_metrics(self, spec):
+            return ("mc2",)
+
+        def score(self, spec, item, results, outcomes, sampling):
+            p = [math.exp(r.logprob) for r in results]
+            return kinds.Scored({"mc2": p[item.gold] / sum(p)}, self.record(spec, item, results))
+
+    monkeypatch.setitem(kinds.KINDS, "true_mass", TrueMass())
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "task.yaml").write_text(
+        "name: toy\nversion: 1\npaper_row: a toy\ndata: {file: piqa/validation.jsonl.gz}\n"
+        "fields: [goal, sol1, sol2, label]\nfewshot: {count: 0}\nkind: true_mass\n"
+        "prompt: \"{{ goal }}\"\nchoices: \"{{ [sol1, sol2] | tojson }}\"\ngold: \"{{ label }}\"\n"
+        "metrics: [mc2]\nprimary: mc2\n")
+    monkeypatch.setattr(tasks, "TASKS_DIR", tmp_path)
+    tasks.load_spec.cache_clear()
+    try:
+        res = evaluate.run(_AnswersRequests(), ["toy"], tmp_path / "out", Settings(limit=3, cache="off",
+                                                                                  progress=False))
+    finally:
+        tasks.load_spec.cache_clear()
+    rows = data.load_local("piqa/validation.jsonl.gz").rows[:3]
+    want = []
+    for r in rows:
+        p = [math.exp(-len(" " + r["sol1"])), math.exp(-len(" " + r["sol2"]))]
+        want.append(p[int(r["label"])] / sum(p))
+    got = res["tasks"]["toy"]["metrics"]["mc2"]["value"]
+    assert got == pytest.approx(sum(want) / 3) and res["model"]["backend"] == "fake"
+    recs = [json.loads(line) for line in (tmp_path / "out" / "samples_toy.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in recs] == [0, 1, 2] and all(len(r["logprobs"]) == 2 for r in recs)

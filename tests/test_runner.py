@@ -11,6 +11,7 @@ import weakref
 import pytest
 import torch
 
+from evalsuite import batching
 from evalsuite.backends import HFBackend
 from evalsuite.model import load_model
 from evalsuite.runner import Chat, Generation, Loglikelihood, Runner
@@ -78,7 +79,7 @@ def test_head_chunks_written_into_one_reused_block_score_the_same(ours, hf):
     for model in (ours, hf):
         runner = Runner(model, batch_size=3, head_chunk=5, progress=False)
         chunked = runner.loglikelihood(reqs)  # full chunks of 5 rows and shorter last ones
-        assert runner._logits_block is not None and runner._logits_block.shape[0] == 5
+        assert runner.head._block is not None and runner.head._block.shape[0] == 5
         assert max(abs(a.logprob - b.logprob) for a, b in zip(whole, chunked)) <= 1e-4
         assert [a.is_greedy for a in whole] == [b.is_greedy for b in chunked]
 
@@ -194,9 +195,9 @@ def test_small_few_shot_groups_share_batches_with_the_same_results(ours):
     gens = [Generation(p, stop=("\n\n",), max_tokens=8, shared_prefix=n) for p, n in prompts]
     lls = [Loglikelihood(p, c, shared_prefix=n) for p, n in prompts for c in (" 7", " blue")]
     runner = Runner(ours, generate_batch_size=4, progress=False)
-    groups = runner._group([(*runner.encode_context(g.context, g.shared_prefix), g.max_tokens, i)
-                            for i, g in enumerate(gens)])
-    plan = runner._plan(groups, runner.generate_batch_size)
+    groups = batching.group(True, [(*runner.encode_context(g.context, g.shared_prefix), g.max_tokens, i)
+                                   for i, g in enumerate(gens)])
+    plan = batching.plan(groups, runner.generate_batch_size, runner.token_budget)
     # One full batch from the 5-question block, then its remainder and both small blocks pooled,
     # shortest prefix first (a stacked cache is as wide as its longest prefix).
     assert [len(b) for b in plan] == [4, 4, 1]
@@ -219,18 +220,18 @@ def test_token_budget_counts_a_shared_prefix_once(ours):
     rows pooled across blocks get their block copied into a stacked cache, so there it counts."""
     gens = [Generation(p, stop=("\n\n",), max_tokens=8, shared_prefix=n) for p, n in _small_groups()]
     runner = Runner(ours, generate_batch_size=8, progress=False)
-    groups = runner._group([(*runner.encode_context(g.context, g.shared_prefix), g.max_tokens, i)
-                            for i, g in enumerate(gens)])
+    groups = batching.group(True, [(*runner.encode_context(g.context, g.shared_prefix), g.max_tokens, i)
+                                   for i, g in enumerate(gens)])
     block = max(groups, key=len)  # the 5-question block
     own = max(span for span, _ in groups[block])
     assert len(block) > own
-    runner.token_budget = 5 * own  # room for the 5 rows' own tokens, not for 2 rows with the block
-    plan = runner._plan(groups, runner.generate_batch_size)
+    budget = 5 * own  # room for the 5 rows' own tokens, not for 2 rows with the block
+    plan = batching.plan(groups, runner.generate_batch_size, budget)
     assert [len(b) for b in plan][0] == 5 and {pre for pre, _ in plan[0]} == {block}
     own_spans = {item[1]: span for rows in groups.values() for span, item in rows}
     pooled = [(pre, span, item) for batch in plan[1:] for pre, (span, item) in batch]
     assert pooled and all(span == len(pre) + own_spans[item[1]] for pre, span, item in pooled)
-    assert all(len(b) * max(span for _, (span, _) in b) <= runner.token_budget for b in plan)
+    assert all(len(b) * max(span for _, (span, _) in b) <= budget for b in plan)
 
 
 def test_batch_sizes_must_be_positive_integers(ours):
@@ -259,13 +260,14 @@ def test_stop_string_spanning_tokens_truncates_text():
         tokenizer, stop_ids, packing, max_length, turn_ids = Tok(), (1,), True, 100, None
         device = torch.device("cpu")
 
-    runner = Runner(Fake(), progress=False)
+    from evalsuite.generation import finished
+    be = Fake()
     req = Generation("", stop=("\n\n",), max_tokens=10)
-    assert runner._finished([10, 11], req) is None
-    res = runner._finished([10, 11, 12], req)
+    assert finished(be, [10, 11], req) is None
+    res = finished(be, [10, 11, 12], req)
     assert res.text == "abc" and res.finish == "stop"
-    assert runner._finished([10, 1], req).finish == "eos"
-    assert runner._finished([13] * 10, req).finish == "length"
+    assert finished(be, [10, 1], req).finish == "eos"
+    assert finished(be, [13] * 10, req).finish == "length"
 
 
 def test_chat_format_inserts_turn_markers_by_id(ours, gemma2_tokenizer_json):

@@ -150,6 +150,27 @@ def preset(name: str) -> GemmaConfig:
 _HF_FAMILIES = {"gemma": "gemma1", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
+def _rope_settings(d: dict[str, Any], family: str, source: str) -> dict[str, Any]:
+    """RoPE bases and scaling, and the chat turn ids, of a Gemma 2 or 3 config.json.
+
+    transformers <5 writes rope_theta / rope_local_base_freq / rope_scaling, transformers 5 writes
+    rope_parameters keyed by layer type (Gemma 3) or flat (Gemma 2)."""
+    rp = d.get("rope_parameters") or {}
+    if family == "gemma2":
+        theta = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
+        return dict(rope_theta=theta, rope_local_theta=theta, start_of_turn_id=106, end_of_turn_id=107)
+    full, local = rp.get("full_attention", {}), rp.get("sliding_attention", {})
+    scaling = d.get("rope_scaling") or full
+    if scaling.get("rope_type", "default") not in ("default", "linear"):
+        raise ConfigError(f"{source}: rope type {scaling.get('rope_type')!r} is not supported (default, linear)")
+    return dict(
+        rope_theta=float(full.get("rope_theta", d.get("rope_theta", 1_000_000.0))),
+        rope_local_theta=float(local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0))),
+        rope_scaling_factor=float(scaling.get("factor", 1.0)) if scaling.get("rope_type") == "linear" else 1.0,
+        start_of_turn_id=105, end_of_turn_id=106,
+    )
+
+
 def from_hf_dict(d: dict[str, Any], source: str = "config.json") -> GemmaConfig:
     """Build a config from a Hugging Face config.json dict (Gemma, Gemma2, Gemma3 text or multimodal)."""
     if d.get("model_type") == "gemma3" and "text_config" in d:  # multimodal wrapper: take the text part
@@ -198,23 +219,7 @@ def from_hf_dict(d: dict[str, Any], source: str = "config.json") -> GemmaConfig:
     else:
         kw["layer_types"] = gemma3_layer_types(n, int(d.get("sliding_window_pattern", 6)))
 
-    # Rope settings: transformers <5 writes rope_theta / rope_local_base_freq / rope_scaling,
-    # transformers 5 writes rope_parameters keyed by layer type (Gemma 3) or flat (Gemma 2).
-    rp = d.get("rope_parameters") or {}
-    if family == "gemma2":
-        theta = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
-        kw.update(rope_theta=theta, rope_local_theta=theta, start_of_turn_id=106, end_of_turn_id=107)
-    else:
-        full, local = rp.get("full_attention", {}), rp.get("sliding_attention", {})
-        scaling = d.get("rope_scaling") or full
-        if scaling.get("rope_type", "default") not in ("default", "linear"):
-            raise ConfigError(f"{source}: rope type {scaling.get('rope_type')!r} is not supported (default, linear)")
-        kw.update(
-            rope_theta=float(full.get("rope_theta", d.get("rope_theta", 1_000_000.0))),
-            rope_local_theta=float(local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0))),
-            rope_scaling_factor=float(scaling.get("factor", 1.0)) if scaling.get("rope_type") == "linear" else 1.0,
-            start_of_turn_id=105, end_of_turn_id=106,
-        )
+    kw.update(_rope_settings(d, family, source))
     return GemmaConfig(**kw)
 
 
