@@ -198,13 +198,13 @@ def run_programs(built: list[BuiltTask], answers: dict[Key, list], settings: Set
                 programs[(b.name, it.index)] = got
     if not programs:
         return {}, None
-    ex = settings.execution
+    ex, limits = settings.execution, settings.execution.limits()
     flat = [p for progs in programs.values() for p in progs]
     t0 = time.perf_counter()
-    outs = iter(run_all(flat, ex.limits(), sandbox=ex.sandbox, workers=ex.workers, progress=settings.progress))
+    outs = iter(run_all(flat, limits, sandbox=ex.sandbox, workers=ex.workers, progress=settings.progress))
     outcomes = {key: [next(outs) for _ in progs] for key, progs in programs.items()}
     statuses = [o.status for per in outcomes.values() for o in per]
-    info = {"sandbox": ex.sandbox, "limits": dataclasses.asdict(ex.limits()), "python": interpreter(),
+    info = {"sandbox": ex.sandbox, "limits": dataclasses.asdict(limits), "python": interpreter(),
             "containment": containment(), "programs": len(flat), "seconds": time.perf_counter() - t0,
             "statuses": {st: statuses.count(st) for st in sorted(set(statuses))}}
     return outcomes, info

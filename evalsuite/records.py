@@ -177,10 +177,14 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     path = run_dir / "results.json"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no results.json (expected a run directory written by python -m evalsuite)")
-    text = path.read_text()
-    res = loads(text, str(path), strict=False)
+    constants: list[str] = []  # NaN/Infinity met while parsing (read as None)
+    try:
+        res = json.loads(path.read_text(), parse_constant=lambda c: constants.append(c))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if "schema_version" in res:
-        loads(text, str(path))  # a versioned file must be strict JSON
+        if constants:  # a versioned file must be strict JSON
+            raise ValueError(f"{path}: not valid JSON ({constants[0]} is not JSON)")
         if res["schema_version"] > SCHEMA_VERSION:
             raise ValueError(f"{path}: schema_version {res['schema_version']} is newer than this evalsuite reads "
                              f"({SCHEMA_VERSION}); upgrade evalsuite")

@@ -8,6 +8,7 @@ task kinds (required templates, metrics, `primary`) are made by evalsuite.tasks.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import json
@@ -122,7 +123,7 @@ class TaskSpec:
 
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-_ENV.filters["literal"] = __import__("ast").literal_eval  # AGIEval's few-shot file stores examples as dict reprs
+_ENV.filters["literal"] = ast.literal_eval  # AGIEval's few-shot file stores examples as dict reprs
 
 
 @lru_cache(maxsize=None)

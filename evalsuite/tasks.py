@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(golden_text(name))
             print(path)
     except TaskError as e:
-        print(f"error: {e}", file=__import__("sys").stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
