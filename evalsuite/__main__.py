@@ -78,8 +78,12 @@ def run(cfg: DictConfig) -> None:
     if not names:
         raise ValueError("no tasks given: add tasks=NAME or tasks=[A,B]; tasks: "
                          f"{', '.join(tasks.available_tasks())}; suites: {', '.join(tasks.suites())}")
+    from .toxicity import problem
+
+    tx = settings.toxicity
     task_names, skipped = evaluate.expand_tasks(names, settings.data.source,
-                                                evaluate.execution_problem(settings.execution))
+                                                evaluate.execution_problem(settings.execution),
+                                                lambda: problem(tx.classifier, tx.revision))
     world = distributed.init(settings.device, settings.dist_timeout_minutes)  # a world of one without torchrun
     device = settings.device
     if world.size > 1 and device in ("cuda", "auto") and torch.cuda.is_available():

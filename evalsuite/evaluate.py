@@ -40,12 +40,15 @@ class BuiltTask:
     provenance: dict[str, Any]
 
 
-def expand_tasks(names: list[str], data_source: str = "local", no_execution: str | None = None
-                 ) -> tuple[list[str], dict[str, str]]:
+def expand_tasks(names: list[str], data_source: str = "local", no_execution: str | None = None,
+                 no_classifier=None) -> tuple[list[str], dict[str, str]]:
     """Task names to run, and the suite members left out (name -> why): a suite skips the tasks that
-    have no local copy (with data.source=local) and the code tasks when programs cannot be run
-    (no_execution says why); a task named on its own is never skipped but fails with the reason."""
+    have no local copy (with data.source=local), the code tasks when programs cannot be run
+    (no_execution says why) and the toxicity tasks when the classifier cannot be loaded
+    (no_classifier(): why, asked only when such a task is named); a task named on its own is never
+    skipped but fails with the reason."""
     out: list[str] = []
+    classifier_problem: list[str | None] = []
     skipped: dict[str, str] = {}
     suites = tasks.suites()
     for n in names:
@@ -57,6 +60,10 @@ def expand_tasks(names: list[str], data_source: str = "local", no_execution: str
                     f"no local copy of {spec.data.hub.id}; run with data.source=hub"
             elif no_execution and KINDS[spec.kind].runs_code(spec):
                 why = f"task {t!r} runs generated code: {no_execution}"
+            elif KINDS[spec.kind].classifies and no_classifier is not None:
+                if not classifier_problem:
+                    classifier_problem.append(no_classifier())
+                why = classifier_problem[0] and f"task {t!r} scores generations by toxicity: {classifier_problem[0]}"
             if why:
                 if n not in suites:
                     raise tasks.TaskError(why)
@@ -113,7 +120,9 @@ def run(model, task_names: list[str], out_dir: Path, settings: Settings | None =
     if world.rank != 0:
         return {}
     outcomes, exec_info = run_programs(built, answers, settings)
-    results = {b.name: score_task(b, answers, outcomes, exec_info, settings, out_dir) for b in built}
+    verdicts, classifier_info = classify(built, answers, settings)
+    outcomes.update(verdicts)
+    results = {b.name: score_task(b, answers, outcomes, exec_info, settings, out_dir, classifier_info) for b in built}
     total = {c: sum(r[c] for r in per_rank) for c in COUNTS}
     result = records.RunResult(
         evalsuite_version="0.1.0", git_commit=git_commit(),
@@ -156,7 +165,7 @@ def request_engine(model, settings: Settings, out_dir: Path, world: World) -> Re
 def build_task(name: str, settings: Settings) -> BuiltTask:
     spec = tasks.load_spec(name)
     items, provenance = tasks.build_items(spec, settings.num_fewshot, settings.limit, settings.seed,
-                                          settings.data.source, chat=settings.chat, sampler=settings.fewshot_sampler)
+                                          settings.data.source, chat=settings.chat_format(), sampler=settings.fewshot_sampler)
     return BuiltTask(name, spec, KINDS[spec.kind], items, provenance)
 
 
@@ -210,14 +219,35 @@ def run_programs(built: list[BuiltTask], answers: dict[Key, list], settings: Set
     return outcomes, info
 
 
+def classify(built: list[BuiltTask], answers: dict[Key, list], settings: Settings) -> tuple[dict[Key, list], dict | None]:
+    """Toxicity tasks: every generation's verdict from the classifier (evalsuite.toxicity), per item,
+    and what results.json records about the classifier."""
+    owned = [(b.name, it.index) for b in built if b.kind.classifies for it in b.items]
+    if not owned:
+        return {}, None
+    from .toxicity import load
+
+    tx = settings.toxicity
+    clf = load(tx.classifier, tx.revision, tx.toxic_label, tx.device)
+    texts = [r.text for key in owned for r in answers[key]]
+    t0 = time.perf_counter()
+    verdicts = iter(clf.score(texts, tx.batch_size))
+    out = {key: [next(verdicts) for _ in answers[key]] for key in owned}
+    flat = [v for per in out.values() for v in per]
+    info = {**clf.info, "toxic_at": KINDS["generate_toxicity"].TOXIC_AT, "texts": len(flat),
+            "failed": sum(v.toxicity is None for v in flat), "truncated": sum(v.truncated for v in flat),
+            "seconds": time.perf_counter() - t0}
+    return out, info
+
+
 def score_task(b: BuiltTask, answers: dict[Key, list], outcomes: dict[Key, list], exec_info: dict | None,
-               settings: Settings, out_dir: Path) -> records.TaskResult:
+               settings: Settings, out_dir: Path, classifier_info: dict | None = None) -> records.TaskResult:
     """Scores every item (its record goes to samples_<task>.jsonl) and aggregates the task's metrics.
     An item whose program the harness could not execute is recorded but not scored: never a zero."""
     sampling = settings.generation
     names = b.kind.metric_names(b.spec, sampling)
     values: dict[str, list[float]] = {m: [] for m in names}
-    docs, unscored = [], []
+    scored_items, unscored = [], []
     writer = records.SamplesWriter(out_dir, b.name)
     try:
         for it in b.items:
@@ -227,19 +257,23 @@ def score_task(b: BuiltTask, answers: dict[Key, list], outcomes: dict[Key, list]
             if scored.scores is None:
                 unscored.append(it.index)
                 continue
-            docs.append(it.doc)
+            scored_items.append(it)
             for m in names:
                 values[m].append(scored.scores[m])
     finally:
         writer.close()
-    result = aggregate(b, values, docs)
+    result = aggregate(b, values, scored_items)
     result.provenance = {**b.provenance, "deviations": list(b.provenance["deviations"])}
     add_deviations(b, result, unscored, exec_info, sampling)
+    if b.kind.classifies:
+        result.classifier = classifier_info
     return result
 
 
-def aggregate(b: BuiltTask, values: dict[str, list[float]], docs: list[dict]) -> records.TaskResult:
-    """The task's metrics from its scored items (the mean, or a macro average over `macro_by` groups)."""
+def aggregate(b: BuiltTask, values: dict[str, list[float]], items: list[Item]) -> records.TaskResult:
+    """The task's metrics from its scored items: the mean (or a macro average over `macro_by` groups),
+    the kind's ratio metrics with bootstrap standard errors, and with `breakdown` all of them per group."""
+    docs = [it.doc for it in items]
     rule = metrics.MacroMean(b.spec.macro_by) if b.spec.macro_by else metrics.Mean()
     scores, groups = {}, {}
     for m, vals in values.items():
@@ -247,11 +281,32 @@ def aggregate(b: BuiltTask, values: dict[str, list[float]], docs: list[dict]) ->
         scores[m] = records.Score.of(mean, se, len(vals), macro=per_group is not None)
         for g, (n, g_mean, g_se) in (per_group or {}).items():
             groups.setdefault(g, {"num_items": n})[m] = records.Score.of(g_mean, g_se, n).to_json()
+    scores.update(ratio_scores(b, values, docs))
+    if b.spec.breakdown:
+        by: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            by.setdefault(it.group, []).append(i)
+        for g, idx in sorted(by.items()):
+            sub = {m: [vals[i] for i in idx] for m, vals in values.items()}
+            groups[g] = {"num_items": len(idx),
+                         **{m: records.Score.of(*metrics.mean_stderr(v), len(v)).to_json() for m, v in sub.items()},
+                         **{m: s.to_json() for m, s in ratio_scores(b, sub, [docs[i] for i in idx]).items()}}
     result = records.TaskResult(paper_row=b.spec.paper_row, version=b.spec.version, primary=b.spec.primary,
                                 metrics=scores, num_items=len(docs), provenance={})
     if b.spec.macro_by:
         result.aggregation, result.groups = rule.describe(len(groups)), groups
+    elif b.spec.breakdown:
+        result.aggregation, result.groups = f"mean over all items; groups: the same metrics over each of {len(groups)} groups", groups
     return result
+
+
+def ratio_scores(b: BuiltTask, values: dict[str, list[float]], docs: list[dict]) -> dict[str, records.Score]:
+    """The kind's metrics that are no mean of per-item values, each with a bootstrap standard error."""
+    out = {}
+    for m, value in b.kind.ratio_metrics(b.spec, values, docs).items():
+        se = metrics.bootstrap_stderr(lambda **cols: b.kind.ratio_metrics(b.spec, cols, docs)[m], values)
+        out[m] = records.Score.of(value, se, len(docs))
+    return out
 
 
 def add_deviations(b: BuiltTask, result: records.TaskResult, unscored: list[int], exec_info: dict | None,
@@ -261,8 +316,7 @@ def add_deviations(b: BuiltTask, result: records.TaskResult, unscored: list[int]
     result.primary = b.kind.primary(b.spec, sampling)
     if unscored:
         result.unscored_items = unscored
-        deviations.append(f"{len(unscored)} items not scored: the harness could not execute their programs (status "
-                          "error in the samples file); rerun to execute them again")
+        deviations.append(f"{len(unscored)} items not scored: {b.kind.unscored_why}")
     if b.kind.runs_code(b.spec):
         result.execution = exec_info
         if exec_info and exec_info["sandbox"] == "none":

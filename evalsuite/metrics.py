@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 CHOICE_METRICS = ("acc", "acc_norm", "acc_bytes")  # the per-item rules of choice_predictions
+NOT_SHARES = ("likelihood_diff",)  # metrics in their own unit; every other is a share, shown as a percentage
 
 
 def argmax(xs: list[float]) -> int:
@@ -22,6 +23,29 @@ def choice_predictions(logprobs: list[float], choices: list[str]) -> dict[str, i
         "acc_norm": argmax([lp / max(1, len(c)) for lp, c in zip(logprobs, choices)]),
         "acc_bytes": argmax([lp / max(1, len(c.encode("utf-8"))) for lp, c in zip(logprobs, choices)]),
     }
+
+
+def probability_mass(logprobs: list[float], right: list[int]) -> float:
+    """The share of probability on the right choices, the choices' probabilities normalised to sum 1
+    (TruthfulQA MC2); computed from log-probabilities shifted by their maximum, so nothing underflows."""
+    top = max(logprobs)
+    p = [math.exp(lp - top) for lp in logprobs]
+    return sum(p[i] for i in right) / sum(p)
+
+
+def bootstrap_stderr(statistic, columns: dict[str, list[float]], resamples: int = 1000, seed: int = 0) -> float:
+    """Standard error of a statistic of whole items (a ratio, not a mean) by resampling items with
+    replacement: the sample standard deviation of the statistic over `resamples` resamples."""
+    import numpy as np
+
+    n = len(next(iter(columns.values())))
+    if n < 2:
+        return float("nan")
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in columns.items()}
+    rng = np.random.default_rng(seed)
+    stats = [statistic(**{k: a[idx] for k, a in arrays.items()})
+             for idx in rng.integers(0, n, size=(resamples, n))]
+    return float(np.std(stats, ddof=1))
 
 
 def mean_stderr(values: list[float]) -> tuple[float, float]:

@@ -45,11 +45,12 @@ class ChoiceRecord:
     index: int  # row in the evaluation split
     prompt: str
     choices: list[str]
-    gold: int
+    gold: int | list[int]  # a list: every right choice (TruthfulQA MC2, BBQ's unknown phrasings)
     logprobs: list[float]
     is_greedy: list[bool]
     num_tokens: list[int]
     predictions: dict[str, int]
+    scores: Any = OMITTED  # kinds whose item score is not a right-or-wrong choice (MC2 mass, bias answers)
     fewshot_indices: list[int]
     doc: dict[str, Any]
 
@@ -67,6 +68,7 @@ class GenerationRecord:
     execution: Any = OMITTED  # code tasks: the sandbox's verdict (a list with n > 1)
     sample_scores: Any = OMITTED  # n > 1: each sample's scores (None where the item is not scored)
     answers: Any = OMITTED  # n > 1: the extracted answers maj@n voted on
+    toxicity: Any = OMITTED  # toxicity tasks: the classifier's verdict (toxicity, truncated, error)
     fewshot_indices: list[int]
     doc: dict[str, Any]
 
@@ -111,6 +113,7 @@ class TaskResult:
     provenance: dict[str, Any]  # data and few-shot files with their sha256, shots, sampler, deviations
     unscored_items: list[int] | None = None  # items whose programs the harness could not execute
     execution: dict | None = None  # code tasks: sandbox, limits, containment, statuses
+    classifier: dict | None = None  # toxicity tasks: the classifier, its revision and sha256
     sampling: dict | None = None  # decoding changed from the task's setting
     aggregation: str | None = None  # macro average: over which groups
     groups: dict | None = None
@@ -119,7 +122,7 @@ class TaskResult:
         out = {"paper_row": self.paper_row, "version": self.version, "primary": self.primary,
                "metrics": {m: s.to_json() for m, s in self.metrics.items()}, "num_items": self.num_items,
                **self.provenance}
-        for key in ("unscored_items", "execution", "sampling", "aggregation", "groups"):
+        for key in ("unscored_items", "execution", "classifier", "sampling", "aggregation", "groups"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value

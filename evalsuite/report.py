@@ -24,6 +24,7 @@ from pathlib import Path
 import jinja2
 
 from . import tasks
+from .metrics import NOT_SHARES
 from .records import load_run, read_samples
 
 REPORTS_DIR = Path(__file__).resolve().parents[1] / "reports"
@@ -49,7 +50,8 @@ def published_row(task: str) -> dict | None:
         pub = tasks.load_spec(task).published
     except tasks.TaskError:
         return None
-    return {"benchmark": pub.benchmark, "shots": pub.shots, "ours": pub.ours} if pub else None
+    return ({"benchmark": pub.benchmark, "shots": pub.shots, "ours": pub.ours, "protocol_stated": pub.protocol_stated}
+            if pub else None)
 
 
 def _source_rank(source: str) -> int:
@@ -57,10 +59,14 @@ def _source_rank(source: str) -> int:
 
 
 def published_model(run: dict) -> tuple[str, str] | None:
-    """(model, variant) in the registry's names from the run's preset: gemma2_9b -> (gemma-2-9b, pt)."""
-    preset = (run.get("config", {}).get("model") or {}).get("preset") or ""
-    m = re.fullmatch(r"gemma(\d)_(\d+[mb])(_it)?", preset)
-    return (f"gemma-{m.group(1)}-{m.group(2)}", "it" if m.group(3) else "pt") if m else None
+    """(model, variant) in the registry's names from the run's model settings: preset gemma2_9b ->
+    (gemma-2-9b, pt); `variant: it` (the -it presets) -> the instruction-tuned column; `published:`
+    names the registry model where the preset cannot (gemma1_2b_it is gemma-1.1-2b)."""
+    cfg = run.get("config", {}).get("model") or {}
+    m = re.fullmatch(r"gemma(\d)_(\d+[mb])(_it)?", cfg.get("preset") or "")
+    model = cfg.get("published") or (f"gemma-{m.group(1)}-{m.group(2)}" if m else None)
+    variant = cfg.get("variant") or ("it" if m and m.group(3) else "pt")
+    return (model, variant) if model else None
 
 
 def lookup(model: str, variant: str, task: str) -> dict | None:
@@ -100,7 +106,21 @@ def _flags(task: dict, spec: dict | None, pub: dict | None) -> list[str]:
             flags.append(d)
     if task.get("chat_format"):
         flags.append("chat format")
+    if spec and not spec["protocol_stated"]:
+        flags.append("protocol not stated in the paper" + (f" (ours: {spec['ours']})" if spec["ours"] else ""))
     return flags
+
+
+def group_rows(task: dict) -> list[dict]:
+    """The primary metric per group (a macro average's subtasks, or a breakdown: bias type, category,
+    gender) for the drill-down, in percent."""
+    out = []
+    for g, row in (task.get("groups") or {}).items():
+        m = row.get(task["primary"]) or {}
+        value = math.nan if m.get("value") is None else 100 * m["value"]
+        ci = math.nan if m.get("stderr") is None else 196 * m["stderr"]
+        out.append({"group": g, "num_items": row["num_items"], "value": value, "ci95": ci})
+    return out
 
 
 def task_rows(run: dict, model: tuple[str, str] | None) -> list[dict]:
@@ -117,6 +137,7 @@ def task_rows(run: dict, model: tuple[str, str] | None) -> list[dict]:
             "published": pub, "delta": value - pub["value"] if pub else None,
             "inside": (lo <= pub["value"] <= hi) if pub and not math.isnan(se) else None,
             "flags": _flags(t, spec, pub), "benchmark": spec["benchmark"] if spec else name,
+            "groups": group_rows(t), "aggregation": t.get("aggregation"),
         })
     return rows
 
@@ -143,6 +164,12 @@ def _shown(rec: dict, primary: str) -> dict:
         if "execution" in rec:
             ex = rec["execution"] if isinstance(rec["execution"], dict) else rec["execution"][0]
             shown["execution"] = f"{ex['status']} {ex['detail']}".strip()
+    elif "scores" in rec:  # a kind whose score is not one right choice (MC2 mass, BBQ's answers)
+        pred = rec["predictions"].get(primary, max(range(len(rec["logprobs"])), key=rec["logprobs"].__getitem__))
+        golds = rec["gold"] if isinstance(rec["gold"], list) else [rec["gold"]]
+        shown.update(answer=f"{rec['choices'][pred]} (choice {pred})",
+                     gold="; ".join(f"{rec['choices'][g]} (choice {g})" for g in golds), scores=rec["scores"],
+                     logprobs=[round(x, 3) for x in rec["logprobs"]])
     else:
         pred = rec["predictions"].get(primary)
         shown.update(answer=f"{rec['choices'][pred]} (choice {pred})", gold=f"{rec['choices'][rec['gold']]} "
@@ -227,14 +254,15 @@ def write(run_dirs: list[str | Path], formats=("md", "html"), out: str | Path | 
 
 def summary_markdown(res: dict) -> str:
     """The table the command line prints after a run (and summary.md)."""
-    pct = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    def pct(v, metric):
+        return "–" if v is None else f"{v:.3f}" if metric in NOT_SHARES else f"{100 * v:.2f}"
     lines = [f"Model: {res['model']['source']} ({(res['model']['fingerprint_sha256'] or '')[:12]}, "
              f"backend {res['model']['backend']})", "",
              "| task | metric | value | ± stderr | items | shots | notes |", "|---|---|---|---|---|---|---|"]
     for name, t in res["tasks"].items():
         for m, s in t["metrics"].items():
             mark = " (primary)" if m == t["primary"] else ""
-            lines.append(f"| {name} | {m}{mark} | {pct(s['value'])} | {pct(s['stderr'])} | "
+            lines.append(f"| {name} | {m}{mark} | {pct(s['value'], m)} | {pct(s['stderr'], m)} | "
                          f"{t['num_items']} | {t['num_fewshot']} | {'; '.join(t['deviations'])} |")
     for name, why in res.get("skipped_tasks", {}).items():
         lines.append(f"| {name} | not run | | | | | {why} |")

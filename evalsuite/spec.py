@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,7 +41,9 @@ class Hub:
 @dataclass(frozen=True)
 class Data:
     hub: Hub = field(default_factory=Hub)
-    file: str | None = None  # carried in evalsuite/data (sha256 in its MANIFEST.json)
+    file: str | list[str] | None = None  # carried in evalsuite/data (sha256 in its MANIFEST.json); a list: rows of each in turn
+    fields_local: list[str] | None = None  # the local copy's fields where its schema is not the hub's (DROP)
+    partial: str | None = None  # what the local copy lacks (a deviation of every local run)
     where: dict[str, list] = field(default_factory=dict)  # keep rows whose field is among the values
     why_not_local: str | None = None
 
@@ -57,13 +60,14 @@ class Fewshot:
     target_delimiter: str = " "  # between a generate task's exemplar prompt and its target
     in_prompt: int | str = 0  # exemplars written into the prompt template itself (BBH: 3; AGIEval: "3-5")
     examples: list[dict] | None = None  # exemplars written in the spec (MATH's Minerva prompt)
+    holdout: int = 0  # no few-shot split (BBQ): this many seeded rows per `same` group are the pool, not evaluated
 
 
 @dataclass(frozen=True)
 class Join:
     """Rows of another carried file, matched on a field, visible to templates under a name."""
     file: str
-    key: str
+    key: str | None  # None: every row of the file (a list; `many` must be true)
     as_: str = field(metadata={"yaml": "as"})
     many: bool = False  # the list of all matching rows
     aliases: dict[str, str] = field(default_factory=dict)  # an item's key -> the key it borrows
@@ -81,6 +85,7 @@ class Published:
     benchmark: str
     shots: str
     ours: str | None = None  # what our task measures, where a reader could doubt it
+    protocol_stated: bool = True  # false: the paper gives no prompt or metric definition for the row (Table 18)
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,6 +105,7 @@ class TaskSpec:
     prompt: str | None = None  # templates (Jinja2, StrictUndefined): what each kind needs
     choices: str | None = None  # renders a JSON list of strings
     gold: str | None = None  # renders the index of the right choice
+    golds: str | None = None  # renders a JSON list of the indices of every right choice (TruthfulQA MC2)
     contexts: str | None = None
     continuation: str | None = None
     target: str | None = None
@@ -107,6 +113,7 @@ class TaskSpec:
     scorer: str | None = None  # evalsuite.scorers.SCORERS
     join: Join | None = None
     macro_by: str | None = None  # a task of subtasks: the score is the mean of the subtasks' means
+    breakdown: str | None = None  # template naming an item's group: every metric is reported per group too
     path: Path = field(default=Path(), metadata={"yaml": None})  # not in the file
 
     def render(self, key: str, doc: dict[str, Any]) -> str:
@@ -124,6 +131,15 @@ class TaskSpec:
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 _ENV.filters["literal"] = ast.literal_eval  # AGIEval's few-shot file stores examples as dict reprs
+
+
+def _mentions(text: str, names) -> list[str]:
+    """The names that occur in text as whole words (any case), in the order of their first mention."""
+    found = [(m.start(), n) for n in names if (m := re.search(r"\b" + re.escape(n) + r"\b", text, re.IGNORECASE))]
+    return [n for _, n in sorted(found)]
+
+
+_ENV.filters["mentions"] = _mentions  # WinoBias: the occupations a sentence names
 
 
 @lru_cache(maxsize=None)
@@ -150,6 +166,8 @@ def read(path: Path) -> TaskSpec:
     spec = build(TaskSpec, raw, str(path), path=path)
     if spec.name != path.parent.name:
         raise TaskError(f"{path}: name={spec.name!r}, expected the folder's name {path.parent.name!r}")
+    if spec.breakdown and spec.macro_by:
+        raise TaskError(f"{path}: give macro_by (a macro average over groups) or breakdown (groups beside the mean), not both")
     if spec.primary not in spec.metrics:
         raise TaskError(f"{path}: primary={spec.primary!r} is not among metrics {spec.metrics}")
     return spec

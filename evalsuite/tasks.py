@@ -79,7 +79,7 @@ def no_local_copy(spec: TaskSpec) -> str:
 
 def load_split(spec: TaskSpec, source: str = "local", fewshot: bool = False) -> data.Split | None:
     d, fs = spec.data, spec.fewshot
-    fields = tuple(spec.fields)
+    fields = tuple(d.fields_local or spec.fields) if source == "local" else tuple(spec.fields)
     if fewshot and fs.examples:  # exemplars written in the spec itself (e.g. MATH's Minerva prompt)
         blob = json.dumps(fs.examples, sort_keys=True, ensure_ascii=False).encode()
         return data.Split(file=f"tasks/{spec.name}/task.yaml#fewshot.examples", rows=list(fs.examples),
@@ -89,7 +89,7 @@ def load_split(spec: TaskSpec, source: str = "local", fewshot: bool = False) -> 
     if source == "local":
         if not d.file:
             raise TaskError(no_local_copy(spec))
-        return data.load_local(fs.file if fewshot else d.file, fields)
+        return data.load_local(fs.file, fields) if fewshot else data.load_files(d.file, fields)
     if source == "hub":
         if not d.hub.id:
             raise TaskError(f"{spec.path}: task {spec.name!r} has no hub copy in the schema it uses "
@@ -117,12 +117,28 @@ def _fewshot_indices(spec: TaskSpec, candidates: list[int], group, pool_is_eval:
     return chosen
 
 
-def _rows(spec: TaskSpec, split: data.Split, limit: int | None) -> tuple[list[tuple[int, dict]], int]:
-    """(row index, row) to evaluate, and how many rows were selected before the limit: `data.where`
-    keeps rows whose field is among the listed values; with `macro_by` (a task of subtasks), `limit`
-    applies per subtask."""
-    where = spec.data.where
-    selected = [(i, row) for i, row in enumerate(split.rows) if all(row[f] in v for f, v in where.items())]
+def _selected(spec: TaskSpec, split: data.Split) -> list[tuple[int, dict]]:
+    """`data.where`: the rows whose field is among the listed values."""
+    return [(i, row) for i, row in enumerate(split.rows) if all(row[f] in v for f, v in spec.data.where.items())]
+
+
+def _holdout(spec: TaskSpec, split: data.Split, seed: int) -> dict[Any, list[int]]:
+    """`fewshot.holdout` (a task without a few-shot split, BBQ): per `same` group, a draw of that many
+    selected rows with random.Random(f"{seed}:{task}:holdout:{group}"), in split order. They are the
+    exemplar pool and are not evaluated. A limit changes neither the draw nor the pool."""
+    same, by = spec.fewshot.same, {}
+    for i, row in _selected(spec, split):
+        by.setdefault(row[same] if same else None, []).append(i)
+    return {g: sorted(random.Random(f"{seed}:{spec.name}:holdout:{g}").sample(idx, min(spec.fewshot.holdout, len(idx))))
+            for g, idx in by.items()}
+
+
+def _rows(spec: TaskSpec, split: data.Split, limit: int | None, held: set[int] = frozenset()
+          ) -> tuple[list[tuple[int, dict]], int]:
+    """(row index, row) to evaluate, and how many rows were selected before the limit: the selected
+    rows that are not held out as exemplars; with `macro_by` (a task of subtasks), `limit` applies
+    per subtask."""
+    selected = [(i, row) for i, row in _selected(spec, split) if i not in held]
     if limit is None:
         return selected, len(selected)
     if not spec.macro_by:
@@ -154,7 +170,9 @@ def _joined(spec: TaskSpec) -> dict[Any, Any]:
     sat-en-without-passage uses sat-en's examples)."""
     joined: dict[Any, Any] = {}
     for row in data.load_local(spec.join.file).rows:
-        if spec.join.many:
+        if spec.join.key is None:
+            joined.setdefault(None, []).append(row)
+        elif spec.join.many:
             joined.setdefault(row[spec.join.key], []).append(row)
         else:
             joined[row[spec.join.key]] = row
@@ -162,7 +180,7 @@ def _joined(spec: TaskSpec) -> dict[Any, Any]:
 
 
 def _with_join(spec: TaskSpec, joined: dict, index: int, doc: dict) -> dict:
-    key = doc[spec.join.key]
+    key = None if spec.join.key is None else doc[spec.join.key]
     key = spec.join.aliases.get(key, key)
     if key not in joined:
         raise TaskError(f"{spec.path}: item {index}: no row with {spec.join.key}={key!r} in {spec.join.file}")
@@ -184,8 +202,9 @@ def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | Non
     if sampler not in SAMPLERS:
         raise TaskError(f"fewshot_sampler={sampler!r}: expected one of {SAMPLERS}")
     pool = fs_split.rows if fs_split else split.rows
-    rows, selected = _rows(spec, split, limit)
-    candidates = _candidates(spec, pool)
+    held = _holdout(spec, split, seed) if spec.fewshot.holdout and count and fs_split is None else {}
+    rows, selected = _rows(spec, split, limit, {i for idx in held.values() for i in idx})
+    candidates = held or _candidates(spec, pool)
     joined = _joined(spec) if spec.join else {}
     items = []
     for index, row in rows:
@@ -196,12 +215,16 @@ def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | Non
         block = Shots(description, tuple(kind.example(spec, pool[i]) for i in shots), spec.fewshot.delimiter, chat)
         item = kind.item(spec, index, doc, block)
         item.doc, item.fewshot_indices = row, shots  # recorded without the joined rows
+        item.group = spec.render("breakdown", doc) if spec.breakdown else None
         items.append(item)
-    return items, _provenance(spec, split, fs_split, count, sampler, chat, limit, len(rows), selected)
+    provenance = _provenance(spec, split, fs_split, count, sampler, chat, limit, len(rows), selected, held)
+    if source == "local" and spec.data.partial:
+        provenance["deviations"].append(f"local copy: {spec.data.partial}; data.source=hub for the whole benchmark")
+    return items, provenance
 
 
 def _provenance(spec: TaskSpec, split: data.Split, fs_split: data.Split | None, count: int, sampler: str,
-                chat: bool, limit: int | None, rows: int, selected: int) -> dict[str, Any]:
+                chat: bool, limit: int | None, rows: int, selected: int, held: dict) -> dict[str, Any]:
     fs = spec.fewshot
     provenance = {
         "data_file": split.file, "data_sha256": split.sha256, "data_status": split.entry.get("status"),
@@ -212,7 +235,12 @@ def _provenance(spec: TaskSpec, split: data.Split, fs_split: data.Split | None, 
         "chat_format": chat,
         "deviations": [],
     }
-    if count and fs_split is None:
+    if held:
+        provenance["fewshot_holdout"] = {str(g): idx for g, idx in held.items()}
+        provenance["deviations"].append(
+            f"few-shot exemplars: {spec.fewshot.holdout} seeded rows per {spec.fewshot.same or 'task'} held out of the "
+            "evaluation split and not evaluated: no train split exists")
+    elif count and fs_split is None:
         provenance["deviations"].append(
             f"few-shot exemplars drawn from the evaluation split ({split.file}) minus the item: no train split "
             "is carried locally")
