@@ -29,6 +29,21 @@ def group(share: bool, rows) -> dict:
     return groups
 
 
+def cut(context: int, conts: list, budget: int) -> list[list]:
+    """A context's continuations [(key, tokens)] -> runs of them, in order, each run one row
+    [context][c1]...[ck] (every continuation but its last token) of at most `budget` tokens, or a
+    single continuation. Many continuations can share one context (CrowS-Pairs: 3016 sentences after
+    BOS alone); in one row they would make one sequence of 90,000 tokens."""
+    runs, run, width = [], [], context
+    for key, c in conts:
+        if run and width + len(c) - 1 > budget:
+            runs.append(run)
+            run, width = [], context
+        run.append((key, c))
+        width += len(c) - 1
+    return runs + [run] if run else runs
+
+
 def room(rows: int, widest: int, most: int, budget: int) -> bool:
     """Whether a batch of `rows` rows (at most `most`), the widest spanning `widest` tokens, may
     take one more row under the token budget (rows x widest)."""

@@ -142,8 +142,9 @@ class Runner:
         mine = self._share(list(rows.items()), lambda row: self._cost(
             len(row[0][0]) / uses[row[0][0]], len(row[0][1]), sum(len(c) for _, c in row[1])))
         scored = self._cached({i: keys[i] for _, conts in mine for i, _ in conts})
-        todo = [(k[0], k[1], [(i, c) for i, c in conts if i not in scored]) for k, conts in mine]
-        scored.update(self._score([row for row in todo if row[2]], "loglikelihood",
+        todo = [(k[0], k[1], run) for k, conts in mine for run in batching.cut(
+            len(k[0]) + len(k[1]), [(i, c) for i, c in conts if i not in scored], self.token_budget)]
+        scored.update(self._score(todo, "loglikelihood",
                                   lambda out: self._store("loglikelihood", keys, out)))
         scored = self._gather(scored)
         return [LoglikelihoodResult(*scored[i]) for i in range(len(requests))]

@@ -41,3 +41,12 @@ def test_partial_batches_of_small_groups_are_pooled_shortest_prefix_first():
     # pooled rows are copied into a stacked cache: their span counts the prefix
     own = {tag: len(rest) + follow for _, rest, follow, tag in rows}
     assert all(span == len(pre) + own[item[1]] for b in plan[1:] for pre, (span, item) in b)
+
+
+def test_cut_keeps_a_row_of_many_continuations_under_the_budget():
+    conts = [(i, (1,) * 10) for i in range(7)]  # each adds 9 tokens to the row
+    runs = batching.cut(5, conts, budget=30)
+    assert [len(r) for r in runs] == [2, 2, 2, 1] and [k for r in runs for k, _ in r] == list(range(7))
+    assert all(5 + sum(len(c) - 1 for _, c in r) <= 30 for r in runs)
+    assert batching.cut(5, [(0, (1,) * 100)], budget=30) == [[(0, (1,) * 100)]]  # one alone, however long
+    assert batching.cut(5, [], budget=30) == []

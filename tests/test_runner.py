@@ -388,3 +388,48 @@ def test_a_sample_the_harness_could_not_execute_is_not_scored(ours, tmp_path, mo
 def test_glibc_accepts_the_malloc_settings():
     from evalsuite.runner import keep_freed_memory
     assert keep_freed_memory() is True
+
+
+def test_paper_it_run_of_a_tiny_instruction_tuned_checkpoint_stores_chat_prompts(ours, tmp_path,
+                                                                                 gemma2_tokenizer_json):
+    """model.variant=it (the -it presets) turns on the chat format: the stored prompts carry the turn
+    markers, and they are the token ids the model was given (106/107, never text parsed for them)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from tokenizers import Tokenizer
+
+    from evalsuite import evaluate
+    from evalsuite.__main__ import CONF_DIR
+    from evalsuite.settings import ModelSettings
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        preset = OmegaConf.to_object(compose("config", overrides=["model=gemma2_9b_it", "tasks=paper_it"]))
+    assert preset.model.variant == "it" and preset.chat_format() and preset.model.path == "google/gemma-2-9b-it"
+    names, _ = evaluate.expand_tasks(preset.task_names())
+    assert names == ["mmlu", "mbpp"]
+    run_settings = settings(limit=1, num_fewshot=1, model=ModelSettings(variant="it"),
+                            execution=preset.execution.__class__(sandbox="none"))
+    res = evaluate.run(ours, names, tmp_path, run_settings)
+    ref = Tokenizer.from_file(str(gemma2_tokenizer_json))
+    runner = Runner(ours, progress=False)
+    for name in names:
+        assert res["tasks"][name]["chat_format"] is True
+        rec = json.loads((tmp_path / f"samples_{name}.jsonl").read_text().splitlines()[0])
+        assert rec["prompt"].startswith("<bos><start_of_turn>user\n") and rec["prompt"].endswith(
+            "<end_of_turn>\n<start_of_turn>model\n")
+        item = evaluate.build_task(name, run_settings).items[0]
+        pre, body = runner.encode_context(item.requests[0].context)
+        ids = list(pre + body)
+        assert ids == ref.encode(rec["prompt"], add_special_tokens=False).ids  # the stored prompt is what ran
+        assert ids[:2] == [2, 106] and ids.count(106) == 4 and ids.count(107) == 3  # one example, then the question
+
+
+def test_many_continuations_of_one_context_are_cut_into_rows_under_the_budget(ours):
+    """CrowS-Pairs scores every sentence after BOS alone: one context, thousands of continuations."""
+    sentences = [f"Sentence number {i} is here, with a few more words." for i in range(40)]
+    reqs = [Loglikelihood("", s) for s in sentences]
+    wide = Runner(ours, progress=False).loglikelihood(reqs)
+    cut = Runner(ours, progress=False, token_budget=64).loglikelihood(reqs)
+    alone = [Runner(ours, progress=False).loglikelihood([r])[0] for r in reqs[:3]]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(wide, cut)) <= 1e-4
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(alone, cut)) <= 1e-4
