@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from . import bias, metrics, scorers
 from .records import ChoiceRecord, GenerationRecord
 from .requests import Chat, Generation, Loglikelihood
@@ -300,6 +302,8 @@ class Generate(TaskKind):
     extracts answers, pass@k for pass/fail metrics, and code run in the sandbox where it gives programs."""
     templates = ("prompt", "target", "scorer", "generation")
     decodes = True
+    unscored_why = ("the harness could not score them (an execution error, or a scorer's missing resource: see "
+                    "execution / unscored_reason in the samples file); rerun to score them again")
 
     def check(self, spec):
         if spec.scorer is not None and spec.scorer not in scorers.SCORERS:
@@ -333,17 +337,29 @@ class Generate(TaskKind):
         program = scorers.SCORERS[spec.scorer].program
         return [program(r.text, item.doc) for r in results] if program else None
 
+    def item_metrics(self, spec: TaskSpec) -> list[str]:
+        """The per-item values: the spec's metrics, a ratio metric's sums in place of it (IFEval)."""
+        ratios = scorers.SCORERS[spec.scorer].ratios
+        out = [m for m in spec.metrics if m not in ratios]
+        return list(dict.fromkeys(out + [v for m in spec.metrics if m in ratios for v in ratios[m]]))
+
     def derived(self, spec: TaskSpec, sampling: Sampling) -> list[tuple[str, str, int, str]]:
         """(name, aggregate, k, base metric) of the metrics that several samples add."""
         if sampling.n == 1:
             return []
         scorer = scorers.SCORERS[spec.scorer]
-        out = [(f"maj@{sampling.n}_{m}", "maj", sampling.n, m) for m in spec.metrics if scorer.answer]
+        base = [m for m in spec.metrics if m not in scorer.ratios]
+        out = [(f"maj@{sampling.n}_{m}", "maj", sampling.n, m) for m in base if scorer.answer]
         return out + [(f"pass@{k}" if m == "pass@1" else f"pass@{k}_{m}", "pass", k, m)
-                      for m in spec.metrics if m not in scorer.continuous for k in metrics.pass_ks(sampling.n) if k > 1]
+                      for m in base if m not in scorer.continuous for k in metrics.pass_ks(sampling.n) if k > 1]
 
     def metric_names(self, spec, sampling):
-        return list(spec.metrics) + [name for name, *_ in self.derived(spec, sampling)]
+        return self.item_metrics(spec) + [name for name, *_ in self.derived(spec, sampling)]
+
+    def ratio_metrics(self, spec, values, docs):
+        ratios = scorers.SCORERS[spec.scorer].ratios if spec.scorer else {}
+        return {m: float(np.sum(values[num])) / float(np.sum(values[den])) for m, (num, den) in ratios.items()
+                if m in spec.metrics and len(values[den]) and float(np.sum(values[den]))}
 
     def primary(self, spec, sampling):
         maj = f"maj@{sampling.n}_{spec.primary}"
@@ -355,7 +371,7 @@ class Generate(TaskKind):
         scorer = scorers.SCORERS[spec.scorer]
         per_sample = ([scorer.score(r.text, item.doc, o) for r, o in zip(results, outcomes)] if outcomes is not None
                       else [scorer.score(r.text, item.doc) for r in results])
-        got = {m: sum(s[m] for s in per_sample) / len(per_sample) for m in spec.metrics}
+        got = {m: sum(s[m] for s in per_sample) / len(per_sample) for m in self.item_metrics(spec)}
         answers = [scorer.answer(r.text) for r in results] if scorer.answer else []
         for name, agg, k, m in self.derived(spec, sampling):
             if agg == "maj":
@@ -366,12 +382,17 @@ class Generate(TaskKind):
 
     def score(self, spec, item, results, outcomes, sampling):
         first = results[0]
-        got = per_sample = answers = None
+        got = per_sample = answers = unscored = None
         if outcomes is None or not any(o.status == "error" for o in outcomes):
-            got, per_sample, answers = self.sample_scores(spec, item, results, outcomes, sampling)
+            try:
+                got, per_sample, answers = self.sample_scores(spec, item, results, outcomes, sampling)
+            except scorers.CannotScore as e:
+                unscored = str(e)
         rec = GenerationRecord(index=item.index, prompt=item.prompt, generation=first.text, finish=first.finish,
                                num_tokens=len(first.tokens), target=item.gold, scores=got,
                                fewshot_indices=item.fewshot_indices, doc=item.doc)
+        if unscored:
+            rec.unscored_reason = unscored
         if outcomes is not None:
             execs = [{"status": o.status, "detail": o.detail, "seconds": round(o.seconds, 3),
                       "output_bytes": o.output_bytes, "memory_peak_mb": o.memory_peak_mb} for o in outcomes]

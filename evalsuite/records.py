@@ -68,6 +68,7 @@ class GenerationRecord:
     execution: Any = OMITTED  # code tasks: the sandbox's verdict (a list with n > 1)
     sample_scores: Any = OMITTED  # n > 1: each sample's scores (None where the item is not scored)
     answers: Any = OMITTED  # n > 1: the extracted answers maj@n voted on
+    unscored_reason: Any = OMITTED  # why the item has no scores (a scorer's missing resource)
     toxicity: Any = OMITTED  # toxicity tasks: the classifier's verdict (toxicity, truncated, error)
     fewshot_indices: list[int]
     doc: dict[str, Any]

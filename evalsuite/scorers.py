@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
+import io
 import itertools
 import re
 import string
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .execution import Program
@@ -151,8 +153,16 @@ def drop_em_f1(predicted: list[str], gold: list[str]) -> tuple[float, float]:
     return em, round(best / max(len(g_bags), len(p_bags)), 2)
 
 
+def drop_golds(doc: dict[str, Any]) -> list[list[str]]:
+    """The accepted answers, each a list of spans: the hub's `answers_spans`, or the local simple-evals
+    copy's `ref_text` (alternatives joined by "|", each one string; blanks of empty date fields dropped)."""
+    if "answers_spans" in doc:
+        return [list(doc["answers_spans"]["spans"])]
+    return [[" ".join(alt.split())] for alt in doc["ref_text"].split("|")]
+
+
 def drop(text: str, doc: dict[str, Any]) -> dict[str, float]:
-    golds = [list(doc["answers_spans"]["spans"])]
+    golds = drop_golds(doc)
     scores = [drop_em_f1([text.strip()], g) for g in golds if g]
     return {"exact_match": max(s[0] for s in scores), "f1": max(s[1] for s in scores)}
 
@@ -264,6 +274,37 @@ def code_passed(text: str, doc: dict[str, Any], outcome) -> dict[str, float]:
     return {"pass@1": float(outcome.passed)}
 
 
+class CannotScore(RuntimeError):
+    """A scorer that cannot judge this answer here (a checker's resource is missing): the item is
+    recorded but not scored, never counted wrong."""
+
+
+# IFEval (Zhou et al. 2023): the official instruction checkers, as lm-evaluation-harness carries them
+# (its port of google-research/instruction_following_eval: the checker classes, the strict and the
+# loose test). Strict: each instruction's checker on the response; loose: on the response, and with its
+# first line, last line, and/or markdown asterisks removed (any variant passing passes). Prompt level:
+# every instruction followed; instruction level (ratios): followed instructions over all instructions.
+def ifeval(text: str, doc: dict[str, Any]) -> dict[str, float]:
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            from lm_eval.tasks.ifeval import utils as checkers  # it reports an nltk fetch at import, even a failed one
+    except ImportError as e:
+        raise CannotScore(f"IFEval's checkers need `pip install evalsuite[ifeval]` ({e})") from None
+    kwargs = [{k: v for k, v in (kw or {}).items() if v is not None} for kw in doc["kwargs"]]
+    try:
+        got = checkers.process_results({**doc, "kwargs": kwargs}, [text])
+    except LookupError as e:  # nltk's punkt model (sentences, words), fetched on first use, is unavailable offline
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip().strip("*")]
+        what = next((ln for ln in lines if ln.startswith("Resource")), lines[0] if lines else "LookupError")
+        raise CannotScore(f"an IFEval checker lacks nltk data ({what}); nltk fetches it on first use where the "
+                          "network is reachable (nltk.download('punkt_tab'))") from None
+    return {"prompt_level_strict": float(got["prompt_level_strict_acc"]),
+            "prompt_level_loose": float(got["prompt_level_loose_acc"]),
+            "instructions": float(len(doc["instruction_id_list"])),
+            "followed_strict": float(sum(got["inst_level_strict_acc"])),
+            "followed_loose": float(sum(got["inst_level_loose_acc"]))}
+
+
 @dataclass(frozen=True)
 class Scorer:
     """How a generate task's answers are scored; a task names one (`scorer: gsm8k`) and lists
@@ -273,6 +314,7 @@ class Scorer:
     answer: Callable[[str], dict[str, str]] | None = None  # per metric, the extracted answer maj@n votes on
     program: Callable[[str, dict[str, Any]], Program] | None = None  # code tasks: the sample to execute
     continuous: tuple[str, ...] = ()  # metrics that are not pass/fail (no pass@k for them)
+    ratios: dict[str, tuple[str, str]] = field(default_factory=dict)  # metric -> (sum over items) / (sum over items)
 
 
 SCORERS: dict[str, Scorer] = {
@@ -286,4 +328,8 @@ SCORERS: dict[str, Scorer] = {
     "math": Scorer(math, ("exact_match",), answer=lambda text: {"exact_match": math_extract(text)}),
     "humaneval": Scorer(code_passed, ("pass@1",), program=humaneval_program),
     "mbpp": Scorer(code_passed, ("pass@1",), program=mbpp_program),
+    "ifeval": Scorer(ifeval, ("prompt_level_strict", "inst_level_strict", "prompt_level_loose", "inst_level_loose"),
+                     continuous=("instructions", "followed_strict", "followed_loose"),
+                     ratios={"inst_level_strict": ("followed_strict", "instructions"),
+                             "inst_level_loose": ("followed_loose", "instructions")}),
 }

@@ -292,6 +292,8 @@ def test_the_command_line_prints_no_traceback(tmp_path):
     ("lmit=3", "Key 'lmit' not in 'Settings'"),
     ("model=gemma9_9b", "Could not find 'model/gemma9_9b'"),
     ("+tasks=arc_x", "unknown task 'arc_x'"),
+    ("model.variant=chat", "model.variant='chat': expected one of pt, it"),
+    ("toxicity.batch_size=0", "toxicity.batch_size=0: expected a whole number >= 1"),
 ])
 def test_bad_settings_exit_2_with_one_paragraph(tmp_path, override, message):
     tasks = [] if "tasks=" in override else ["+tasks=arc_e"]
@@ -318,3 +320,9 @@ def test_tasks_with_or_without_plus_and_strict_json_results(tiny_folder, tmp_pat
         assert res["schema_version"] == 1 and acc["stderr"] is None and "1 item" in acc["null_reason"]
         for line in (_run_dir(out) / "samples_arc_e.jsonl").read_text().splitlines():
             parse_strict(line)
+
+
+def test_a_toxicity_task_without_its_classifier_exits_2_naming_the_setting(tmp_path):
+    proc = _run("+tasks=toxigen", f"toxicity.classifier={tmp_path / 'missing'}", f"output_dir={tmp_path / 'out'}",
+                cwd=tmp_path)
+    assert proc.returncode == 2 and "toxicity.classifier" in proc.stderr and "Traceback" not in proc.stderr

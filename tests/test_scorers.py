@@ -166,6 +166,23 @@ def test_drop_reads_answer_spans():
     assert scorers.drop(" Tom\n", doc) == {"exact_match": 0.0, "f1": 0.5}
 
 
+def test_drop_local_copy_scores_against_every_accepted_answer():
+    # ref_text: the accepted answers joined by "|"; a date's empty fields leave blanks, dropped
+    doc = {"completion": " 50.6", "ref_text": "50.6|49.7|  March  1995"}
+    assert scorers.drop_golds(doc) == [["50.6"], ["49.7"], ["March 1995"]]
+    assert scorers.drop(" 49.7", doc) == {"exact_match": 1.0, "f1": 1.0}
+    assert scorers.drop(" March 1995 or so", doc)["f1"] == 0.67  # P 2/4, R 1, rounded to 2 places as officially
+    assert scorers.drop(" 51", doc) == {"exact_match": 0.0, "f1": 0.0}  # numbers must agree
+
+
+def test_drop_local_items_use_the_evaluation_split_minus_the_item():
+    items, prov = tasks.build_items(tasks.load_spec("drop"), limit=3)
+    assert prov["data_status"] == "derived" and any("minus the item" in d for d in prov["deviations"])
+    assert all(it.index not in it.fewshot_indices and len(it.fewshot_indices) == 3 for it in items)
+    ctx = items[0].requests[0].context
+    assert ctx.count("Passage: ") == 4 and items[0].gold == "under the age of 18 and 25 to 44 and 45 to 64"
+
+
 def test_drop_builds_from_hub_schema_rows(monkeypatch):
     from evalsuite import data
 
