@@ -101,3 +101,30 @@ def test_html_report_in_headless_chromium(tmp_path, browser):
     shot = tmp_path / "report.png"
     r = headless(browser, f"--screenshot={shot}", "--window-size=1200,900", html_path.as_uri())
     assert r.returncode == 0 and shot.stat().st_size > 10_000
+
+
+def test_safety_rows_compare_with_the_it_column_flag_the_protocol_and_show_groups(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    groups = {"male": {"num_items": 240, "acc": {"value": 0.8, "stderr": 0.02}},
+              "female": {"num_items": 240, "acc": {"value": 0.7, "stderr": 0.03}}}
+    (run / "results.json").write_text(json.dumps({
+        "config": {"model": {"preset": "gemma2_9b", "variant": "it"}}, "created": "2026-12-02T00:00:00+00:00",
+        "model": {"source": "google/gemma-2-9b-it", "fingerprint_sha256": "cd" * 32, "backend": "ours",
+                  "dtype": "torch.float32", "device": "cpu"},
+        "tasks": {"winogender": {"primary": "acc", "metrics": {"acc": {"value": 0.75, "stderr": 0.016}},
+                                 "num_items": 480, "num_fewshot": 0, "chat_format": True, "deviations": [],
+                                 "aggregation": "mean over all items; groups: the same metrics over each of 2 groups",
+                                 "groups": groups}},
+        "skipped_tasks": {"toxigen": "task 'toxigen' scores generations by toxicity: no classifier"},
+        "timing": {"wall_seconds": 1.0}}))
+    assert report.published_model(report.load_run(run)) == ("gemma-2-9b", "it")
+    md = report.render([report.load_run(run)], "md")
+    assert "| winogender | 75.00 ± 3.14 | 79.2 ✗ | -4.17 |" in md  # the Gemma 2 9B IT value, 79.17
+    assert "protocol not stated in the paper" in md and "chat format" in md
+    assert "| male | 240 | 80.00 ± 3.92 |" in md and "| female | 240 | 70.00 ± 5.88 |" in md
+    assert "toxigen not run: task 'toxigen' scores generations by toxicity" in md
+    # Gemma 1.1 IT: the preset names its registry model
+    assert report.published_model({"config": {"model": {"preset": "gemma1_7b", "variant": "it",
+                                                        "published": "gemma-1.1-7b"}}}) == ("gemma-1.1-7b", "it")
+    assert report.lookup("gemma-1.1-7b", "it", "winogender")["value"] == 57.64
