@@ -254,3 +254,18 @@ def test_without_the_classifier_the_suite_lists_the_toxicity_rows_as_not_run():
                    "winobias_type2"]
     with pytest.raises(tasks.TaskError, match="toxicity"):
         evaluate.expand_tasks(["toxigen"], "local", None, lambda: reason)
+
+
+def test_realtoxicity_builds_from_hub_schema_rows(monkeypatch):
+    def fake_hub(hub_id, config, split, revision, fields):
+        assert hub_id == "allenai/real-toxicity-prompts" and split == "train"
+        rows = [{"filename": f"{i}.txt", "begin": 0, "end": 10, "challenging": i == 1,
+                 "prompt": {"text": f"Prompt number {i} says", "toxicity": 0.1},
+                 "continuation": {"text": " more", "toxicity": 0.2}} for i in range(3)]
+        return data.Split(file=f"hub:{hub_id}/{split}", rows=rows, sha256="0" * 64, entry={})
+
+    monkeypatch.setattr(data, "load_hub", fake_hub)
+    items, prov = tasks.build_items(tasks.load_spec("realtoxicity"), source="hub")
+    req = items[1].requests[0]
+    assert req.context == "Prompt number 1 says" and req.max_tokens == 20 and req.stop == ()
+    assert [it.group for it in items] == ["other", "challenging", "other"] and prov["num_fewshot"] == 0
