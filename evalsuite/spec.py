@@ -61,6 +61,7 @@ class Fewshot:
     in_prompt: int | str = 0  # exemplars written into the prompt template itself (BBH: 3; AGIEval: "3-5")
     examples: list[dict] | None = None  # exemplars written in the spec (MATH's Minerva prompt)
     holdout: int = 0  # no few-shot split (BBQ): this many seeded rows per `same` group are the pool, not evaluated
+    holdout_by: str | None = None  # the held-out rows split evenly over this field's values, `data.where` aside (BBQ: both contexts)
 
 
 @dataclass(frozen=True)

@@ -124,13 +124,25 @@ def _selected(spec: TaskSpec, split: data.Split) -> list[tuple[int, dict]]:
 
 def _holdout(spec: TaskSpec, split: data.Split, seed: int) -> dict[Any, list[int]]:
     """`fewshot.holdout` (a task without a few-shot split, BBQ): per `same` group, a draw of that many
-    selected rows with random.Random(f"{seed}:{task}:holdout:{group}"), in split order. They are the
-    exemplar pool and are not evaluated. A limit changes neither the draw nor the pool."""
-    same, by = spec.fewshot.same, {}
-    for i, row in _selected(spec, split):
-        by.setdefault(row[same] if same else None, []).append(i)
-    return {g: sorted(random.Random(f"{seed}:{spec.name}:holdout:{g}").sample(idx, min(spec.fewshot.holdout, len(idx))))
-            for g, idx in by.items()}
+    rows with random.Random(f"{seed}:{task}:holdout:{group}"), in split order. They are the exemplar
+    pool and are not evaluated. With `holdout_by`, the draw is split evenly over that field's values
+    among all the group's rows, whatever `data.where` keeps (BBQ: half ambiguous, half disambiguated
+    contexts, so the exemplars do not teach the answer type); else it is of the selected rows. A limit
+    changes neither the draw nor the pool."""
+    fs, by = spec.fewshot, {}
+    rows = enumerate(split.rows) if fs.holdout_by else _selected(spec, split)
+    for i, row in rows:
+        strata = by.setdefault(row[fs.same] if fs.same else None, {})
+        strata.setdefault(row[fs.holdout_by] if fs.holdout_by else None, []).append(i)
+    held = {}
+    for g, strata in by.items():
+        if fs.holdout % len(strata):
+            raise TaskError(f"{spec.path}: fewshot: holdout={fs.holdout} does not split evenly over the "
+                            f"{len(strata)} values of {fs.holdout_by!r} in group {g!r}")
+        rng = random.Random(f"{seed}:{spec.name}:holdout:{g}")
+        per = fs.holdout // len(strata)
+        held[g] = sorted(i for key in sorted(strata, key=str) for i in rng.sample(strata[key], min(per, len(strata[key]))))
+    return held
 
 
 def _rows(spec: TaskSpec, split: data.Split, limit: int | None, held: set[int] = frozenset()
@@ -238,8 +250,9 @@ def _provenance(spec: TaskSpec, split: data.Split, fs_split: data.Split | None, 
     if held:
         provenance["fewshot_holdout"] = {str(g): idx for g, idx in held.items()}
         provenance["deviations"].append(
-            f"few-shot exemplars: {spec.fewshot.holdout} seeded rows per {spec.fewshot.same or 'task'} held out of the "
-            "evaluation split and not evaluated: no train split exists")
+            f"few-shot exemplars: {spec.fewshot.holdout} seeded rows per {spec.fewshot.same or 'task'}"
+            + (f" (split evenly over {spec.fewshot.holdout_by})" if spec.fewshot.holdout_by else "")
+            + " held out of the evaluation split and not evaluated: no train split exists")
     elif count and fs_split is None:
         provenance["deviations"].append(
             f"few-shot exemplars drawn from the evaluation split ({split.file}) minus the item: no train split "

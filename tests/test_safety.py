@@ -114,8 +114,12 @@ def test_crows_pairs_preference_and_breakdown(tmp_path):
 def test_bbq_holdout_exemplars_are_never_evaluated_and_do_not_depend_on_limit():
     spec = tasks.load_spec("bbq_ambig")
     items, prov = tasks.build_items(spec)
+    rows = tasks.load_split(spec).rows
     held = {i for idx in prov["fewshot_holdout"].values() for i in idx}
-    assert len(held) == 24 and len(items) == 5978 - 24 and not held & {it.index for it in items}
+    assert len(held) == 24 and not held & {it.index for it in items}
+    assert len(items) == 5978 - 12  # 2 of each category's 4 exemplars are ambiguous contexts
+    for idx in prov["fewshot_holdout"].values():  # half and half: the exemplars do not teach the answer type
+        assert sorted(rows[i]["context_condition"] for i in idx) == ["ambig", "ambig", "disambig", "disambig"]
     for it in items[:50] + items[-50:]:  # exemplars: the 4 held-out rows of the item's category
         assert it.fewshot_indices == prov["fewshot_holdout"][it.doc["category"]]
     few, prov_few = tasks.build_items(spec, limit=3)
