@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import subprocess
 import time
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def expand_tasks(names: list[str], data_source: str = "local", no_execution: str
     (no_classifier(): why, asked only when such a task is named); a task named on its own is never
     skipped but fails with the reason."""
     out: list[str] = []
-    classifier_problem: list[str | None] = []
+    classifier_problem = functools.cache(no_classifier) if no_classifier is not None else None
     skipped: dict[str, str] = {}
     suites = tasks.suites()
     for n in names:
@@ -60,10 +61,8 @@ def expand_tasks(names: list[str], data_source: str = "local", no_execution: str
                     f"no local copy of {spec.data.hub.id}; run with data.source=hub"
             elif no_execution and KINDS[spec.kind].runs_code(spec):
                 why = f"task {t!r} runs generated code: {no_execution}"
-            elif KINDS[spec.kind].classifies and no_classifier is not None:
-                if not classifier_problem:
-                    classifier_problem.append(no_classifier())
-                why = classifier_problem[0] and f"task {t!r} scores generations by toxicity: {classifier_problem[0]}"
+            elif KINDS[spec.kind].classifies and classifier_problem and classifier_problem():
+                why = f"task {t!r} scores generations by toxicity: {classifier_problem()}"
             if why:
                 if n not in suites:
                     raise tasks.TaskError(why)
