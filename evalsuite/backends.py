@@ -10,10 +10,13 @@ A backend gives the runner
                          can be shared; otherwise every request gets a plain causal row of its own
     hidden(ids, positions, valid, cache=None, attend=None) -> (b, t, hidden)
     head(h) -> logits (soft-capped) for hidden states of any leading shape
+    head_chunks(h)       the logits of (n, hidden) states as (first token id, (n, chunk) logits) pieces
     nonfinite_origin()   where the last `hidden` call first produced NaN/inf (or None)
     head_cost            multiply-adds of `head` at one position over those of `hidden` per token
                          (1.7 for Gemma 3 270M, 0.1 for Gemma 2 9B): weighs the shares of torchrun ranks
     new_cache(), batch_cache(caches) (row r starts with the one-row caches[r]), select_cache(cache, rows)
+    continuous           True when rows can be placed into a batch being decoded (continuous batching),
+                         with kv_bytes_per_token (the KV cache memory of one token)
     start_decoding(cache, steps) -> cache ready for `steps` calls of decode(cache, ids, positions),
                          each one token per row, ids and positions (b,), returning (b, hidden)
     describe() -> what results.json records about the model
@@ -36,6 +39,7 @@ from .model import LoadedModel, resolve_device, resolve_dtype, sha256_of_files
 
 class OursBackend:
     packing = True
+    continuous = True  # rows can be placed into a batch being decoded (KVCache.place)
 
     def __init__(self, lm: LoadedModel):
         self.lm = lm
@@ -61,6 +65,9 @@ class OursBackend:
     def head(self, h, out=None):
         return self.lm.model.head(h, out=out)
 
+    def head_chunks(self, h, size: int = 2048):
+        return self.lm.model.head_chunks(h, size)
+
     def nonfinite_origin(self) -> str | None:
         return self.lm.model.nonfinite_origin()
 
@@ -70,6 +77,12 @@ class OursBackend:
 
     def new_cache(self):
         return self.lm.model.new_cache()
+
+    @functools.cached_property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token holds in the cache, all layers together."""
+        cfg = self.lm.config
+        return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * self.lm.model.dtype.itemsize
 
     def batch_cache(self, caches):
         if all(c is caches[0] for c in caches):
@@ -184,6 +197,7 @@ class HFBackend:
     """
 
     packing = False
+    continuous = False  # transformers' caches cannot take rows into a batch being decoded
 
     def __init__(self, ref: str, device: str = "cpu", dtype: str = "float32"):
         try:
@@ -232,6 +246,9 @@ class HFBackend:
         if cache is not None:
             cache.past, cache.valid = out.past_key_values, mask
         return out.last_hidden_state
+
+    def head_chunks(self, h, size: int = 0):
+        yield 0, self.head(h)  # one chunk: the whole vocabulary
 
     def head(self, h, out=None):
         logits = self.model.get_output_embeddings()(h)

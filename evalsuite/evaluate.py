@@ -157,6 +157,7 @@ def request_engine(model, settings: Settings, out_dir: Path, world: World) -> Re
     if settings.cache != "off":
         cache = ResultCache(settings.cache_dir or out_dir / "cache", settings.cache, backend.version_key())
     return Runner(backend, batch_size=settings.batch_size, generate_batch_size=settings.generate_batch_size,
+                  scheduler=settings.decode_scheduler, kv_cache_gib=settings.kv_cache_gib,
                   token_budget=settings.token_budget, progress=settings.progress, share_prefix=settings.share_prefix,
                   cache=cache, world=world)
 

@@ -19,8 +19,13 @@ Execution of log-likelihoods (backends with packing, i.e. ours):
     cache);
   * the vocabulary-sized head runs only at positions that predict a continuation token, in chunks.
 Backends without packing (transformers) get one plain causal row per request.
+Generation (ours): continuous batching, generate_batch_size slots per batch (fewer where the KV
+cache would pass kv_cache_gib); a finished row's slot takes the next waiting prompt. A few-shot
+prefix with at least half a batch of prompts gets a batch of its own that holds its KV once; the
+other prompts share one batch, each row's prefix copied in (generation.ContinuousDecoder).
+`scheduler="static"` (and the transformers backend) decodes planned batches instead.
 Results always come back in input order. The parts: batching.py plans batches (lengths only),
-scoring.py encodes contexts, packs rows and runs the head, generation.py decodes a batch.
+scoring.py encodes contexts, packs rows and runs the head, generation.py decodes.
 
 Under torchrun (world.size > 1) every rank encodes all requests, takes its share of the rows (cut in
 contiguous runs of equal cost, see distributed.shard: tokens through the network, a scored or
@@ -40,6 +45,7 @@ from tqdm import tqdm
 
 from . import batching, generation
 from .backends import as_backend
+from .model.gemma import all_finite
 from .distributed import World, shard
 from .requests import (Chat, Generation, GenerationResult, Loglikelihood, LoglikelihoodResult,  # noqa: F401
                        TooLong, split_pair)
@@ -72,7 +78,8 @@ def keep_freed_memory() -> bool:
 class Runner:
     def __init__(self, model, batch_size: int = 16, token_budget: int = 16384, head_chunk: int = 256,
                  progress: bool = True, share_prefix: bool = True, max_length: int = 8192, cache=None,
-                 world: World = World(), generate_batch_size: int = 64):
+                 world: World = World(), generate_batch_size: int = 64, scheduler: str = "continuous",
+                 kv_cache_gib: float = 8.0):
         self.backend = as_backend(model)
         if self.backend.device.type == "cpu":
             keep_freed_memory()
@@ -85,6 +92,12 @@ class Runner:
         # Decoding reads every weight once per step whatever the number of rows, so it gains from far
         # more rows than scoring, whose forwards are bound by arithmetic.
         self.generate_batch_size = generate_batch_size
+        if scheduler not in ("continuous", "static"):
+            raise ValueError(f"scheduler={scheduler!r}: expected continuous or static")
+        if not kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib={kv_cache_gib!r}: expected a number above 0")
+        # The most memory the KV cache of one continuous batch may hold: caps its rows where they are long.
+        self.scheduler, self.kv_budget = scheduler, int(kv_cache_gib * 2**30)
         for name, value in (("batch_size", batch_size), ("generate_batch_size", generate_batch_size),
                             ("token_budget", token_budget)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -173,7 +186,7 @@ class Runner:
         return out
 
     def _check_finite(self, logits: torch.Tensor) -> None:
-        if bool(torch.isfinite(logits).all()):
+        if bool(all_finite(logits)):
             return
         where = self.backend.nonfinite_origin()
         raise NumericsError(
@@ -328,9 +341,10 @@ class Runner:
     # ---- generation ---------------------------------------------------------------------------
     @torch.inference_mode()
     def generate_until(self, requests: list[Generation]) -> list[GenerationResult]:
-        """Batched KV-cached decoding. Prompts are left-padded (positions count real tokens only); a
-        few-shot prefix shared by several prompts is run once and its KV expanded under each batch;
-        finished rows leave the batch; stop strings are matched on the decoded text."""
+        """KV-cached decoding, continuous batching (generation.ContinuousDecoder) or static batches
+        (`scheduler="static"`, and backends that cannot place rows into a batch being decoded).
+        Prompts are left-padded (positions count real tokens only); a few-shot prefix shared by
+        several prompts is run once and its KV shared; stop strings are matched on the decoded text."""
         encoded = []
         for idx, req in enumerate(requests):
             pre, body = self.encode_context(req.context, req.shared_prefix)
@@ -345,10 +359,25 @@ class Runner:
             len(encoded[i][0]) / uses[encoded[i][0]], len(encoded[i][1]), requests[i].max_tokens))
         results: dict[int, GenerationResult] = {i: GenerationResult(*v)
                                                 for i, v in self._cached({i: keys[i] for i in mine}).items()}
-        groups = batching.group(self._shares, [(*encoded[idx], requests[idx].max_tokens, idx)
-                                               for idx in mine if idx not in results])
+        todo = [i for i in mine if i not in results]
         bar = tqdm(total=len(mine), initial=len(results), desc=self._desc("generate_until"), unit="req",
                    disable=not self.progress)
+
+        def finished(done: dict[int, GenerationResult]) -> None:
+            self._store("generate", keys, {i: (r.text, r.tokens, r.finish) for i, r in done.items()})
+            results.update(done)
+            bar.update(len(done))
+
+        if self.scheduler == "continuous" and getattr(self.backend, "continuous", False):
+            self._decode_continuous(todo, encoded, requests, finished)
+        else:
+            self._decode_static(todo, encoded, requests, finished)
+        bar.close()
+        results = self._gather(results)
+        return [results[i] for i in range(len(requests))]
+
+    def _decode_static(self, todo, encoded, requests, finished) -> None:
+        groups = batching.group(self._shares, [(*encoded[idx], requests[idx].max_tokens, idx) for idx in todo])
 
         def run(batch, cache, offsets):
             outs, forwarded, generated = generation.decode_batch(
@@ -358,10 +387,42 @@ class Runner:
             return outs
 
         for batch, outs in self._execute(groups, run, self.generate_batch_size):
-            done = {i: res for (_, i), res in zip(batch, outs)}
-            self._store("generate", keys, {i: (r.text, r.tokens, r.finish) for i, r in done.items()})
-            results.update(done)
-            bar.update(len(batch))
-        bar.close()
-        results = self._gather(results)
-        return [results[i] for i in range(len(requests))]
+            finished({i: res for (_, i), res in zip(batch, outs)})
+
+    def _decode_continuous(self, todo, encoded, requests, finished) -> None:
+        """A prefix shared by at least half a batch of prompts gets a continuous batch of its own, its
+        KV held once; the other prompts share one, each row with its prefix's KV copied in front of its
+        own (computed once per prefix). Streams run longest prefix first; rows longest first."""
+        uses = Counter(encoded[i][0] for i in todo if encoded[i][0] and encoded[i][1])
+        most = self.generate_batch_size
+        streams: dict[tuple[int, ...] | None, list] = {}
+        for i in todo:
+            pre, body = encoded[i]
+            if not (self._shares and pre and body and uses[pre] > 1):
+                pre, body = (), pre + body  # the prefix is ordinary tokens of the row
+            # Sharing a prefix's KV pays where enough rows read it together (attention over it is one
+            # matrix product for all of them, not one small product per row over a copy of it).
+            own = pre if uses[pre] >= max(2, most // 2) else None  # None: the stream of rows that carry theirs
+            streams.setdefault(own, []).append(generation.Row(body, pre, requests[i], i))
+        left = Counter(r.prefix for r in streams.get(None, ()) if r.prefix)
+        held: dict[tuple[int, ...], object] = {}
+
+        def prefix_cache(pre, rows: int):
+            """A carried prefix's one-row cache, computed at its first rows, dropped after its last."""
+            cache = held[pre] if pre in held else held.setdefault(pre, self._prefix_cache(pre))
+            left[pre] -= rows  # rows < 0: rows given back after running out of memory
+            if not left[pre]:
+                del held[pre]
+            return cache
+
+        for own in sorted(streams, key=lambda p: -1 if p is None else -len(p)):
+            rows = sorted(streams[own], key=lambda r: (-len(r.prefix), r.prefix, -len(r.tokens) - r.req.max_tokens))
+            shared = self._prefix_cache(own) if own else None
+            widest = max(len(r.tokens) + r.req.max_tokens + (0 if own else len(r.prefix)) for r in rows)
+            slots = max(1, min(most, len(rows), self.kv_budget // max(1, widest * self.backend.kv_bytes_per_token)))
+            decoder = generation.ContinuousDecoder(self.backend, slots, self.token_budget, self._check_finite,
+                                                   shared, prefix_cache)
+            decoder.run(rows, lambda done: finished(dict(done)))
+            self.tokens_forwarded += decoder.forwarded
+            self.tokens_generated += decoder.generated
+            self.oom_splits += decoder.oom_splits

@@ -135,6 +135,8 @@ class Settings:
     num_fewshot: Optional[int] = None
     batch_size: int = 16
     generate_batch_size: int = 64
+    decode_scheduler: str = "continuous"
+    kv_cache_gib: float = 8.0
     token_budget: int = 16384
     device: str = "cpu"
     dtype: str = "float32"
@@ -163,6 +165,9 @@ class Settings:
         _whole("num_fewshot", self.num_fewshot, 0, "null (each task's shot count) or a whole number")
         for name in ("batch_size", "generate_batch_size", "token_budget"):
             _whole(name, getattr(self, name), 1)
+        _one_of("decode_scheduler", self.decode_scheduler, ("continuous", "static"))
+        if not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib={self.kv_cache_gib}: expected a number of GiB above 0")
         if self.fewshot_sampler is not None:
             _one_of("fewshot_sampler", self.fewshot_sampler, SAMPLERS)
         _one_of("cache", self.cache, ("off", "read", "write", "refresh"))

@@ -146,14 +146,16 @@ def test_graphed_decoding_captures_once_per_cache_and_falls_back(ours, monkeypat
     monkeypatch.setattr(backends.DecodeGraph, "capture", staticmethod(capture))
     graphed = backends.OursBackend(ours)
     graphed.cuda_graphs = True
-    assert [r.tokens for r in Runner(graphed, generate_batch_size=4, progress=False).generate_until(reqs)] == want
+    # Graphs need the fixed shapes of static batches.
+    static = dict(progress=False, scheduler="static")
+    assert [r.tokens for r in Runner(graphed, generate_batch_size=4, **static).generate_until(reqs)] == want
     # Batches of 4 rows, a new cache whenever a row finishes: several captures, most steps replayed.
     assert calls["capture"] >= 2 and calls["replay"] > calls["capture"]
     gc.collect()
     assert len(graphed._graphs) == 0
     monkeypatch.setattr(backends.DecodeGraph, "capture",
                         staticmethod(lambda model, cache, ids, positions: (model.decode_step(ids, positions, cache), None)))
-    assert [r.tokens for r in Runner(graphed, progress=False).generate_until(reqs)] == want
+    assert [r.tokens for r in Runner(graphed, **static).generate_until(reqs)] == want
     assert graphed.cuda_graphs is False
 
 
@@ -260,14 +262,19 @@ def test_stop_string_spanning_tokens_truncates_text():
         tokenizer, stop_ids, packing, max_length, turn_ids = Tok(), (1,), True, 100, None
         device = torch.device("cpu")
 
-    from evalsuite.generation import finished
+    from evalsuite.generation import StopCheck
     be = Fake()
     req = Generation("", stop=("\n\n",), max_tokens=10)
-    assert finished(be, [10, 11], req) is None
-    res = finished(be, [10, 11, 12], req)
+
+    def feed(toks):
+        check = StopCheck(be, req)
+        return [check.add(t) for t in toks][-1]
+
+    assert feed([10, 11]) is None
+    res = feed([10, 11, 12])
     assert res.text == "abc" and res.finish == "stop"
-    assert finished(be, [10, 1], req).finish == "eos"
-    assert finished(be, [13] * 10, req).finish == "length"
+    assert feed([10, 1]).finish == "eos"
+    assert feed([13] * 10).finish == "length"
 
 
 def test_chat_format_inserts_turn_markers_by_id(ours, gemma2_tokenizer_json):

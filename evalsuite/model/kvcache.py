@@ -154,3 +154,102 @@ class KVCache:
                 out.k[i], out.v[i] = out._buffers[i][0][:, :, :k.shape[2]], out._buffers[i][1][:, :, :k.shape[2]]
         out.positions, out.valid = self.positions.index_select(0, rows), self.valid.index_select(0, rows)
         return out
+
+    # ---- continuous batching: rows placed into a batch that is being decoded ----------------------
+    # Every row's own keys are right-aligned: they end at the batch's last slot, where each decoding
+    # step appends, and a row shorter than the batch is invalid in its first slots. So a new row can
+    # take the place of a finished one without moving the others.
+
+    @classmethod
+    def slots(cls, num_layers: int, shared: "KVCache | None", device) -> "KVCache":
+        """A batch of no rows yet, all rows to start with `shared` (or nothing): see grow and place."""
+        out = cls(num_layers)
+        out.shared = shared
+        if shared is None:
+            out.positions = torch.zeros(0, 0, dtype=torch.long, device=device)
+            out.valid = torch.zeros(0, 0, dtype=torch.bool, device=device)
+        else:
+            out.positions, out.valid = shared.positions[:0].clone(), shared.valid[:0].clone()
+        return out
+
+    def _own(self) -> tuple[int, int]:
+        """(slots of the shared prefix, own slots per row)."""
+        shared = 0 if self.shared is None else self.shared.positions.shape[1]
+        return shared, self.positions.shape[1] - shared
+
+    def grow(self, rows: int) -> None:
+        """More rows, up to `rows` in all; new rows hold no keys of their own (invalid) until placed."""
+        n = rows - self.positions.shape[0]
+        if n <= 0:
+            return
+        P, S = self._own()
+        pos = self.positions.new_zeros(n, P + S)
+        valid = self.valid.new_zeros(n, P + S)
+        if P:
+            pos[:, :P], valid[:, :P] = self.shared.positions, self.shared.valid
+        self.positions, self.valid = torch.cat([self.positions, pos]), torch.cat([self.valid, valid])
+        for i, (k, v) in enumerate(zip(self.k, self.v)):
+            if k is None:
+                continue
+            buffers = self._buffers[i] or (k, v)
+            grown = tuple(torch.cat([b, b.new_zeros(n, *b.shape[1:])]) for b in buffers)
+            self._buffers[i] = grown
+            self.k[i], self.v[i] = grown[0][:, :, :S], grown[1][:, :, :S]
+
+    def _widen(self, n: int, like: list[torch.Tensor]) -> None:
+        """n more own slots in front of every row's (invalid, keys zero); like[layer]: a tensor of
+        the keys' dtype, device and (heads, head_dim)."""
+        P, S = self._own()
+        b = self.positions.shape[0]
+        self.positions = torch.cat([self.positions[:, :P], self.positions.new_zeros(b, n), self.positions[:, P:]], 1)
+        self.valid = torch.cat([self.valid[:, :P], self.valid.new_zeros(b, n), self.valid[:, P:]], 1)
+        for i, t in enumerate(like):
+            shape = (b, t.shape[1], n + S + self.HEADROOM, t.shape[3])
+            buffers = (t.new_zeros(shape), t.new_zeros(shape))
+            if self.k[i] is not None:
+                buffers[0][:, :, n:n + S], buffers[1][:, :, n:n + S] = self.k[i], self.v[i]
+            self._buffers[i] = buffers
+            self.k[i], self.v[i] = buffers[0][:, :, :n + S], buffers[1][:, :, :n + S]
+
+    def place(self, rows: list[int], other: "KVCache") -> None:
+        """Writes the rows of `other` (a prefilled cache) into these rows, right-aligned. `other`
+        either starts with this batch's shared prefix (its own keys are placed) or, where this batch
+        shares none, with a prefix of its own or none (its prefix is copied in with its keys)."""
+        carries = self.shared is None  # other's prefix, if any, becomes part of the row's own keys
+        if not carries and other.shared is not self.shared:
+            raise ValueError("place: the rows must start with this batch's shared prefix")
+        P, S = self._own()
+        P_other = 0 if carries or other.shared is None else other.shared.positions.shape[1]
+        src_pos, src_valid = other.positions[:, P_other:], other.valid[:, P_other:]
+        kv = [other.full(i) if carries else (other.k[i], other.v[i]) for i in range(len(self.k))]
+        L = src_pos.shape[1]
+        if L > S:
+            self._widen(L - S, [k for k, _ in kv])
+            S = L
+        idx = torch.tensor(rows, device=self.positions.device)
+        for i, (k, v) in enumerate(kv):
+            self.k[i][idx, :, S - L:] = k
+            self.v[i][idx, :, S - L:] = v
+        self.positions[idx, P:P + S - L] = 0
+        self.valid[idx, P:P + S - L] = False
+        self.positions[idx, P + S - L:] = src_pos
+        self.valid[idx, P + S - L:] = src_valid
+
+    def compact(self) -> None:
+        """Drops the first own slots where no row holds a key, once they are a quarter of them (a
+        copy): rows that replaced longer ones leave such slots behind."""
+        P, S = self._own()
+        seen = self.valid[:, P:].any(0).nonzero()
+        c = int(seen[0]) if len(seen) else S
+        if c == 0 or c < S // 4:
+            return
+        self.positions = torch.cat([self.positions[:, :P], self.positions[:, P + c:]], 1)
+        self.valid = torch.cat([self.valid[:, :P], self.valid[:, P + c:]], 1)
+        for i, (k, v) in enumerate(zip(self.k, self.v)):
+            if k is None:
+                continue
+            shape = (k.shape[0], k.shape[1], S - c + self.HEADROOM, k.shape[3])
+            buffers = (k.new_empty(shape), v.new_empty(shape))
+            buffers[0][:, :, :S - c], buffers[1][:, :, :S - c] = k[:, :, c:], v[:, :, c:]
+            self._buffers[i] = buffers
+            self.k[i], self.v[i] = buffers[0][:, :, :S - c], buffers[1][:, :, :S - c]
