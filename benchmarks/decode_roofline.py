@@ -10,7 +10,8 @@ Then per batch and context, the lower bound of one decode step: every weight mat
 once (sliding layers: the window), against the step's FLOPs (2 per weight per row, head included,
 and 4 * heads * head_dim per query-key pair); the bound is the larger of bytes / bandwidth and
 FLOPs / peak. The step is timed as the decoder runs it (backend.decode on a cache holding the
-context, then the head and the argmax), after two warm-up steps. --hf adds greedy tokens/s of our
+context, then generation.pick: the head in vocabulary chunks with its argmax), after two warm-up
+steps. --hf adds greedy tokens/s of our
 runner against transformers' generate at batch 1 and 16 on GSM8K prompts (decode_speed.py).
 Prints one JSON line per measurement; --out also saves them as a JSON list.
 """
@@ -63,7 +64,9 @@ def step_bound(model, batch: int, context: int, bw: float, peak: float) -> dict:
 @torch.inference_mode()
 def time_step(backend, batch: int, context: int, steps: int = 6) -> float:
     """Seconds per decode step (decode, head, argmax) of `batch` rows after `context` random tokens."""
+    from evalsuite.generation import pick
     from evalsuite.model.kvcache import KVCache
+    from evalsuite.requests import Generation
     dev = backend.device
     one = backend.new_cache()
     g = torch.Generator().manual_seed(0)
@@ -72,13 +75,13 @@ def time_step(backend, batch: int, context: int, steps: int = 6) -> float:
                    needed=torch.zeros_like(ids, dtype=torch.bool))
     cache = KVCache.stack([one] * batch) if batch > 1 else one
     tok = torch.full((batch,), 5, device=dev)
+    greedy, gens = [Generation("")] * batch, [None] * batch
     times = []
     for i in range(steps + 2):
         sync(dev)
         t0 = time.perf_counter()
         h = backend.decode(cache, tok, torch.full((batch,), context + i, device=dev))
-        tok = backend.head(h).argmax(-1)
-        tok.tolist()
+        tok = torch.tensor(pick(backend, h, greedy, gens, lambda total: None), device=dev)
         sync(dev)
         times.append(time.perf_counter() - t0)
     return sorted(times[2:])[len(times[2:]) // 2]  # the median of the timed steps

@@ -191,8 +191,9 @@ class ContinuousDecoder:
     `slots` rows decode together. A row that finishes stays in the batch, fed a pad token, its
     output never read, until a waiting row is prefilled into its slot; once nothing waits, the
     batch is shrunk to its live rows whenever an eighth of it has finished (a shrink copies the
-    cache: not at every finish; a finished row costs a row's share of every step it stays). Waiting rows are prefilled in batches of one prefix each, rows x
-    widest prompt under the token budget.
+    cache: not at every finish; a finished row costs a row's share of every step it stays).
+    Waiting rows are prefilled in batches of one prefix each, rows x widest prompt under the token
+    budget.
 
     shared: a one-row cache of the prefix every row shares (its keys held once, KVCache.expand),
     or None: a row's own prefix (a one-row cache from prefix_cache(tokens, rows)) is then copied in
@@ -275,16 +276,14 @@ class ContinuousDecoder:
         be = self.be
         taken = [queue.popleft() for _ in range(min(len(free), len(queue)))]
         done, slots = [], iter(free)
-        parts = deque(self._chunks(taken))
+        parts = deque((part, None) for part in self._chunks(taken))  # (rows, their prefix's cache once asked for)
         while parts:
-            part = parts.popleft()
+            part, carried = parts.popleft()
             pre = part[0].prefix
-            if self.shared is not None:
-                start = self.shared.expand(len(part))
-            elif pre:
-                start = self.prefix_cache(pre, len(part)).expand(len(part))
-            else:
-                start = be.new_cache()
+            if self.shared is None and pre and carried is None:
+                carried = self.prefix_cache(pre, len(part))
+            base = self.shared if self.shared is not None else carried
+            start = base.expand(len(part)) if base is not None else be.new_cache()
             for r in part:
                 r.check, r.gen = StopCheck(be, r.req), torch.Generator().manual_seed(r.req.seed)
             try:
@@ -295,9 +294,8 @@ class ContinuousDecoder:
                 self.oom_splits += 1
                 if be.device.type == "cuda":
                     torch.cuda.empty_cache()
-                if pre and self.shared is None:
-                    self.prefix_cache(pre, -len(part))  # given back: the halves ask for it again
-                parts.extendleft([part[len(part) // 2:], part[:len(part) // 2]])
+                half = len(part) // 2  # both halves keep the prefix's cache: it was asked for once for all
+                parts.extendleft([(part[half:], carried), (part[:half], carried)])
                 continue
             self.forwarded += sum(len(r.tokens) for r in part)
             rows = list(part)

@@ -409,11 +409,10 @@ class Runner:
 
         def prefix_cache(pre, rows: int):
             """A carried prefix's one-row cache, computed at its first rows, dropped after its last."""
-            cache = held[pre] if pre in held else held.setdefault(pre, self._prefix_cache(pre))
-            left[pre] -= rows  # rows < 0: rows given back after running out of memory
-            if not left[pre]:
-                del held[pre]
-            return cache
+            if pre not in held:
+                held[pre] = self._prefix_cache(pre)
+            left[pre] -= rows
+            return held[pre] if left[pre] else held.pop(pre)
 
         for own in sorted(streams, key=lambda p: -1 if p is None else -len(p)):
             rows = sorted(streams[own], key=lambda r: (-len(r.prefix), r.prefix, -len(r.tokens) - r.req.max_tokens))
