@@ -88,7 +88,8 @@ def run(cfg: DictConfig) -> None:
     device = settings.device
     if world.size > 1 and device in ("cuda", "auto") and torch.cuda.is_available():
         device = f"cuda:{world.local_rank}"  # one GPU per rank
-    model = load_backend(settings.model, device=device, dtype=settings.dtype, attention=settings.attention)
+    model = load_backend(settings.model, device=device, dtype=settings.dtype, attention=settings.attention,
+                         server=settings.server, progress=settings.progress)
     run_id = world.broadcast(dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{settings.model.preset or 'model'}")
     out_dir = Path(settings.output_dir) / run_id
     res = evaluate.run(model, task_names, out_dir, settings, skipped=skipped,

@@ -305,24 +305,34 @@ def _head_cost(model: torch.nn.Module, head_weight: torch.Tensor, embed_weight: 
     return head_weight.numel() / max(1, body)
 
 
-def _ours(model, device: str, dtype: str, attention: str) -> OursBackend:
+def _ours(model, device: str, dtype: str, attention: str, server, progress: bool) -> OursBackend:
     from .model import load_model
     return OursBackend(load_model(model.path, device=device, dtype=dtype, preset=model.preset, attention=attention))
 
 
-def _hf(model, device: str, dtype: str, attention: str) -> HFBackend:
+def _hf(model, device: str, dtype: str, attention: str, server, progress: bool) -> HFBackend:
     return HFBackend(model.path, device=device, dtype=dtype)
 
 
+def _openai(model, device: str, dtype: str, attention: str, server, progress: bool):
+    from .server import open_backend
+    return open_backend(model, server, device, dtype, progress)
+
+
 # model.backend -> how to load it from the model settings (evalsuite.settings.ModelSettings)
-BACKENDS = {"ours": _ours, "hf": _hf}
+BACKENDS = {"ours": _ours, "hf": _hf, "openai": _openai}
 
 
-def load_backend(model, device: str = "cpu", dtype: str = "float32", attention: str = "blocks"):
+def load_backend(model, device: str = "cpu", dtype: str = "float32", attention: str = "blocks", server=None,
+                 progress: bool = True):
+    """server: the server settings (evalsuite.settings.ServerSettings) of model.backend=openai."""
     if model.backend not in BACKENDS:
         raise ValueError(f"model.backend={model.backend!r}: expected one of {', '.join(BACKENDS)} "
-                         "(ours: our Gemma network; hf: transformers)")
-    return BACKENDS[model.backend](model, device, dtype, attention)
+                         "(ours: our Gemma network; hf: transformers; openai: an OpenAI-compatible server)")
+    if server is None:
+        from .settings import ServerSettings
+        server = ServerSettings()
+    return BACKENDS[model.backend](model, device, dtype, attention, server, progress)
 
 
 def as_backend(obj) -> OursBackend | HFBackend:

@@ -24,7 +24,7 @@ from .cache import ResultCache
 from .distributed import World, fingerprint
 from .execution import SandboxError, containment, interpreter, require_sandbox, run_all
 from .kinds import KINDS, Item, TaskKind
-from .requests import Generation, Loglikelihood, RequestBackend, TooLong
+from .requests import Generation, Loglikelihood, RequestBackend, RequestFailed, TooLong
 from .runner import Runner
 from .settings import ExecutionSettings, Settings
 
@@ -106,7 +106,7 @@ def run(model, task_names: list[str], out_dir: Path, settings: Settings | None =
                      **{f"task {b.name}": fingerprint([b.provenance["data_sha256"], b.provenance["fewshot_sha256"],
                                                        [(it.index, it.requests, it.gold) for it in b.items]])
                         for b in built}})
-    cache = getattr(engine, "cache", None)  # the runner's result cache (a backend answering requests has none)
+    cache = getattr(engine, "cache", None)  # the runner's or a server backend's result cache, if any
     t0 = time.perf_counter()
     try:
         answers, requests = answer_requests(engine, built, settings)
@@ -121,7 +121,8 @@ def run(model, task_names: list[str], out_dir: Path, settings: Settings | None =
     outcomes, exec_info = run_programs(built, answers, settings)
     verdicts, classifier_info = classify(built, answers, settings)
     outcomes.update(verdicts)
-    results = {b.name: score_task(b, answers, outcomes, exec_info, settings, out_dir, classifier_info) for b in built}
+    results = {b.name: score_task(b, answers, outcomes, exec_info, settings, out_dir, classifier_info,
+                                    getattr(engine, "deviations", ())) for b in built}
     total = {c: sum(r[c] for r in per_rank) for c in COUNTS}
     result = records.RunResult(
         evalsuite_version="0.1.0", git_commit=git_commit(),
@@ -152,6 +153,8 @@ def request_engine(model, settings: Settings, out_dir: Path, world: World) -> Re
     exposes hidden states, with the result cache (keys from the backend's version key)."""
     backend = model if isinstance(model, RequestBackend) else as_backend(model)
     if isinstance(backend, RequestBackend):
+        if getattr(backend, "caches", False) and settings.cache != "off":  # a server backend keeps its own cache
+            backend.cache = ResultCache(settings.cache_dir or out_dir / "cache", settings.cache, backend.version_key())
         return backend
     cache = None
     if settings.cache != "off":
@@ -190,6 +193,10 @@ def answer_requests(engine: RequestBackend, built: list[BuiltTask], settings: Se
             raise ValueError(f"task {name!r}, item {index}: the prompt {e.what} (model.max_position_embeddings). "
                              "evalsuite does not truncate prompts (a cut prompt is not the benchmark's question): "
                              "lower num_fewshot or use a model with a longer context") from None
+        except RequestFailed as e:  # an engine's failure: never a zero, the run stops naming the item
+            (name, index), _ = owned[e.index]
+            raise ValueError(f"task {name!r}, item {index}: {e.what}. Every request answered before it is kept in "
+                             "the result cache (unless cache=off): the same command resumes from there") from None
         for (key, _), res in zip(owned, results, strict=True):
             answers[key].append(res)
     return answers, sum(len(o) for o in pooled.values())
@@ -241,7 +248,8 @@ def classify(built: list[BuiltTask], answers: dict[Key, list], settings: Setting
 
 
 def score_task(b: BuiltTask, answers: dict[Key, list], outcomes: dict[Key, list], exec_info: dict | None,
-               settings: Settings, out_dir: Path, classifier_info: dict | None = None) -> records.TaskResult:
+               settings: Settings, out_dir: Path, classifier_info: dict | None = None,
+               engine_deviations=()) -> records.TaskResult:
     """Scores every item (its record goes to samples_<task>.jsonl) and aggregates the task's metrics.
     An item whose program the harness could not execute is recorded but not scored: never a zero."""
     sampling = settings.generation
@@ -263,7 +271,8 @@ def score_task(b: BuiltTask, answers: dict[Key, list], outcomes: dict[Key, list]
     finally:
         writer.close()
     result = aggregate(b, values, scored_items)
-    result.provenance = {**b.provenance, "deviations": list(b.provenance["deviations"])}
+    # the engine's (a server scored without its parity gate) are every task's
+    result.provenance = {**b.provenance, "deviations": [*b.provenance["deviations"], *engine_deviations]}
     add_deviations(b, result, unscored, exec_info, sampling)
     if b.kind.classifies:
         result.classifier = classifier_info

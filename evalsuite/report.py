@@ -212,13 +212,27 @@ def _env(autoescape: bool) -> jinja2.Environment:
     return env
 
 
+def engine(model: dict) -> str:
+    """How the numbers were computed: dtype and device for our network and transformers; for a
+    served model its name and the parity gate's outcome."""
+    if model.get("backend") != "openai":
+        return ", ".join(str(model[k]) for k in ("dtype", "device") if model.get(k))
+    p = model.get("parity") or {}
+    if p.get("status") != "passed":
+        return f"served model {model.get('served_model')}; parity gate {str(p.get('status', 'not run')).upper()}: " \
+               "numbers NOT checked against our network"
+    return (f"served model {model.get('served_model')}; parity gate passed: max |delta log-prob| "
+            f"{p['max_abs_delta']:.2e} <= {p['tolerance']} on {p['tokens_compared']} probe tokens vs {p['reference']}")
+
+
 def context(runs: list[dict], published: tuple[str, str] | None = None) -> dict:
     cols = []
     for i, run in enumerate(runs):
         model = published or published_model(run)
         rows = task_rows(run, model)
         label = f"run {i + 1}: {Path(run['_dir']).name}"
-        cols.append({"label": label, "dir": run["_dir"], "model": run["model"], "created": run.get("created", ""),
+        cols.append({"label": label, "dir": run["_dir"], "model": run["model"], "engine": engine(run["model"]),
+                     "created": run.get("created", ""),
                      "published_model": " ".join(model) if model else None, "rows": {r["task"]: r for r in rows},
                      "row_list": rows, "timing": run["timing"], "skipped": run.get("skipped_tasks", {}),
                      "samples": {r["task"]: samples(run, r["task"]) for r in rows}})
@@ -257,7 +271,7 @@ def summary_markdown(res: dict) -> str:
     def pct(v, metric):
         return "–" if v is None else f"{v:.3f}" if metric in NOT_SHARES else f"{100 * v:.2f}"
     lines = [f"Model: {res['model']['source']} ({(res['model']['fingerprint_sha256'] or '')[:12]}, "
-             f"backend {res['model']['backend']})", "",
+             f"backend {res['model']['backend']}; {engine(res['model'])})", "",
              "| task | metric | value | ± stderr | items | shots | notes |", "|---|---|---|---|---|---|---|"]
     for name, t in res["tasks"].items():
         for m, s in t["metrics"].items():

@@ -68,6 +68,16 @@ class TooLong(ValueError):
         super().__init__(f"request {index} {what}; evalsuite does not truncate prompts")
 
 
+class RequestFailed(ValueError):
+    """A request an engine could not answer, or answered with something that cannot be scored (an
+    inference server's error after its retries, a reply without the prompt's log-probs): the run
+    stops and names it. Nothing is scored as 0 or skipped."""
+
+    def __init__(self, index: int, what: str):
+        self.index, self.what = index, what
+        super().__init__(f"request {index}: {what}")
+
+
 def split_pair(context: str, continuation: str) -> tuple[str, str]:
     n = len(context) - len(context.rstrip(" "))
     if n:

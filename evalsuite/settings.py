@@ -114,6 +114,33 @@ class ToxicitySettings:
 
 
 @dataclass
+class ServerSettings:
+    """model.backend=openai: an OpenAI-compatible completions server (evalsuite.server)."""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: Optional[str] = None  # the served model's name (None: the server's only model, from /v1/models)
+    api_key_env: Optional[str] = "OPENAI_API_KEY"  # environment variable holding the key (unset: none sent)
+    concurrency: int = 8  # requests in flight
+    retries: int = 3  # per request, with exponential backoff, on connection errors and HTTP 429/5xx
+    timeout_s: float = 300.0  # per request
+    parity: str = "on"  # on | off (recorded as a deviation of every task)
+    parity_tolerance: float = 1.0e-2  # max |delta log-prob| on the golden probes; bf16 and quantized engines need more
+    parity_golden: Optional[str] = None  # golden file (python -m evalsuite.golden record) instead of running
+                                         # our network on model.path
+
+    def __post_init__(self):
+        _one_of("server.parity", self.parity, ("on", "off"))
+        _whole("server.concurrency", self.concurrency, 1)
+        _whole("server.retries", self.retries, 0)
+        if not self.timeout_s > 0:
+            raise ValueError(f"server.timeout_s={self.timeout_s}: expected seconds above 0")
+        if not self.parity_tolerance >= 0:
+            raise ValueError(f"server.parity_tolerance={self.parity_tolerance}: expected a log-prob difference >= 0")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"server.base_url={self.base_url!r}: expected an http:// or https:// address "
+                             "ending in the API's version, e.g. http://127.0.0.1:8000/v1")
+
+
+@dataclass
 class GoldenSettings:
     file: Optional[str] = None
     tolerance: float = 1.0e-4
@@ -149,6 +176,7 @@ class Settings:
     execution: ExecutionSettings = field(default_factory=ExecutionSettings)
     toxicity: ToxicitySettings = field(default_factory=ToxicitySettings)
     golden: GoldenSettings = field(default_factory=GoldenSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
     output_dir: str = "outputs"
     cache: str = "write"
     cache_dir: Optional[str] = None

@@ -93,6 +93,7 @@ def write_gguf(hf_model, cfg: C.GemmaConfig, path: Path, quant: str = "F32") -> 
     w.add_token_types([3, 3, 3, 2] + [6] * (len(tokens) - 4))
     w.add_bos_token_id(2)
     w.add_eos_token_id(1)
+    w.add_add_space_prefix(False)  # as Gemma's GGUFs say; llama.cpp would otherwise prepend a space
 
     from evalsuite.model.weights import gguf_names, hf_names
     ours_to_hf, ours_to_gguf = hf_names(cfg), gguf_names(cfg)
