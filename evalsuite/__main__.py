@@ -101,6 +101,9 @@ def run(cfg: DictConfig) -> None:
     if c["mode"] != "off":
         print(f"result cache {c['dir']}: {c['requests_from_cache']} requests read, {c['requests_computed']} computed")
     print(f"results: {out_dir / 'results.json'}")
+    if settings.export == "lm_eval":
+        from .export import lm_eval
+        print(f"lm-eval results: {lm_eval(out_dir)[0]}")
 
 
 def cli() -> None:

@@ -79,9 +79,12 @@ def compare(base: dict, cand: dict, alpha: float = 0.05, resamples: int = 10000)
             p, test = metrics.paired_bootstrap(xb, xc, resamples), f"paired bootstrap ({resamples})"
         n = len(common)
         mb, mc = (sum(xb) / n, sum(xc) / n) if n else (float("nan"), float("nan"))
+        se, basis = metrics.paired_stderr(xb, xc)
         rows.append({"task": task, "metric": base["tasks"][task]["primary"], "items": n,
                      "items_only_in_one_run": len(set(sb) ^ set(sc)), "baseline": mb, "candidate": mc,
-                     "delta": mc - mb, "test": test, "p": p, "lost": lost, "gained": gained})
+                     "delta": mc - mb, "test": test, "p": p, "lost": lost, "gained": gained,
+                     # the difference this comparison would have caught 80% of the time (two-sided, alpha)
+                     "mde": metrics.minimum_detectable_effect(se, alpha), "mde_basis": basis})
     for row, adj in zip(rows, metrics.holm([r["p"] for r in rows])):
         row["p_holm"] = adj
         row["verdict"] = ("regressed" if row["delta"] < 0 and adj < alpha else
@@ -93,11 +96,14 @@ def compare(base: dict, cand: dict, alpha: float = 0.05, resamples: int = 10000)
 def markdown(result: dict, max_flips: int = 20) -> str:
     lines = [f"Baseline: `{result['baseline']}`  ", f"Candidate: `{result['candidate']}`  ",
              f"Holm-corrected across {len(result['tasks'])} tasks, alpha = {result['alpha']}", "",
-             "| task | metric | items | baseline | candidate | Δ | test | p | p (Holm) | right→wrong | wrong→right | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "MDE: the smallest true difference detected 80% of the time (two-sided test at alpha, before Holm)", "",
+             "| task | metric | items | baseline | candidate | Δ | MDE (80% power) | test | p | p (Holm) | right→wrong | "
+             "wrong→right | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["tasks"]:
+        mde = f"±{100 * r['mde']:.2f}" + (" (unpaired)" if r["mde_basis"].startswith("unpaired") else "")
         lines.append(f"| {r['task']} | {r['metric']} | {r['items']} | {100 * r['baseline']:.2f} | "
-                     f"{100 * r['candidate']:.2f} | {100 * r['delta']:+.2f} | {r['test']} | {r['p']:.4g} | "
+                     f"{100 * r['candidate']:.2f} | {100 * r['delta']:+.2f} | {mde} | {r['test']} | {r['p']:.4g} | "
                      f"{r['p_holm']:.4g} | {len(r['lost'])} | {len(r['gained'])} | {r['verdict']} |")
     for r in result["tasks"]:
         for label, idx in (("right→wrong" if r["test"].startswith("McNemar") else "lower", r["lost"]),

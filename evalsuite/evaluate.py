@@ -285,9 +285,15 @@ def aggregate(b: BuiltTask, values: dict[str, list[float]], items: list[Item]) -
     docs = [it.doc for it in items]
     rule = metrics.MacroMean(b.spec.macro_by) if b.spec.macro_by else metrics.Mean()
     scores, groups = {}, {}
+    clusters = [it.cluster for it in items]
     for m, vals in values.items():
         mean, se, per_group = rule(vals, docs)
         scores[m] = records.Score.of(mean, se, len(vals), macro=per_group is not None)
+        if per_group is not None:  # a macro average: its groups are the clusters
+            scores[m].stderr_clustered = metrics.between_groups_stderr([g[1] for g in per_group.values()])
+            scores[m].clusters = len(per_group)
+        elif b.spec.cluster:
+            scores[m].stderr_clustered, scores[m].clusters = metrics.clustered_stderr(vals, clusters)
         for g, (n, g_mean, g_se) in (per_group or {}).items():
             groups.setdefault(g, {"num_items": n})[m] = records.Score.of(g_mean, g_se, n).to_json()
     scores.update(ratio_scores(b, values, docs))

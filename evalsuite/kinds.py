@@ -36,6 +36,7 @@ class Item:
     prompt: str
     fewshot_indices: list[int] = field(default_factory=list)
     group: str | None = None  # the spec's `breakdown` of the item (its metrics are reported per group too)
+    cluster: str | None = None  # the spec's `cluster` of the item (for the clustered standard error)
 
 
 @dataclass(frozen=True)

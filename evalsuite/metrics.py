@@ -59,6 +59,54 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def clustered_stderr(values: list[float], clusters: list[str]) -> tuple[float, int]:
+    """(standard error of the mean, number of clusters) when items come in clusters whose items are
+    not independent (one MMLU subject, one BBQ template): the cluster-robust variance of a mean,
+    sum over clusters of (sum of the cluster's residuals x_i - mean) squared, over n squared (Miller
+    2024, "Adding Error Bars to Evals", arXiv 2411.00640, eq. 4; no small-sample correction). With
+    one item per cluster it is the plain standard error times sqrt((n - 1) / n)."""
+    n = len(values)
+    if n < 2 or len(set(clusters)) < 2:
+        return float("nan"), len(set(clusters))
+    mean = sum(values) / n
+    residual: dict[str, float] = {}
+    for v, c in zip(values, clusters):
+        residual[c] = residual.get(c, 0.0) + (v - mean)
+    return math.sqrt(sum(r * r for r in residual.values())) / n, len(residual)
+
+
+def between_groups_stderr(means: list[float]) -> float:
+    """Standard error of a macro average when its groups (BBH's subtasks) are themselves a sample:
+    the standard deviation of the group means over sqrt(number of groups)."""
+    g = len(means)
+    if g < 2:
+        return float("nan")
+    m = sum(means) / g
+    return math.sqrt(sum((x - m) ** 2 for x in means) / (g - 1) / g)
+
+
+def minimum_detectable_effect(stderr: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true difference a two-sided test at `alpha` detects with probability `power`,
+    given the standard error of the estimated difference: (z_(1 - alpha/2) + z_power) * stderr
+    (normal approximation; Miller 2024, section 5). 2.80 standard errors at the defaults."""
+    from statistics import NormalDist
+    return (NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)) * stderr
+
+
+def paired_stderr(base: list[float], cand: list[float]) -> tuple[float, str]:
+    """(standard error of the mean paired difference, how it was estimated): the differences' own
+    spread; where no item differs that is 0 and says nothing of what could have been detected, so
+    the runs' variances are used as if unpaired (an upper bound when the pairs correlate positively)."""
+    n = len(base)
+    if n < 2:
+        return float("nan"), "fewer than 2 items"
+    d = [c - b for b, c in zip(base, cand)]
+    se = mean_stderr(d)[1]
+    if se > 0:
+        return se, "paired"
+    return math.sqrt(mean_stderr(base)[1] ** 2 + mean_stderr(cand)[1] ** 2), "unpaired (no item differs)"
+
+
 class Mean:
     """The mean over items and its standard error."""
 

@@ -85,6 +85,8 @@ class Score:
     value: float | None
     stderr: float | None
     null_reason: str | None = None  # why value or stderr is null
+    stderr_clustered: float | None = None  # items clustered (the spec's `cluster`): the cluster-robust one
+    clusters: int | None = None
 
     @classmethod
     def of(cls, value: float, stderr: float, num_items: int, macro: bool = False) -> "Score":
@@ -101,6 +103,9 @@ class Score:
         out = {"value": self.value, "stderr": self.stderr}
         if self.null_reason:
             out["null_reason"] = self.null_reason
+        if self.clusters is not None:
+            se = self.stderr_clustered
+            out["stderr_clustered"], out["clusters"] = (None if se is None or math.isnan(se) else se), self.clusters
         return out
 
 

@@ -178,6 +178,7 @@ class Settings:
     golden: GoldenSettings = field(default_factory=GoldenSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     output_dir: str = "outputs"
+    export: Optional[str] = None  # lm_eval: also write lm-evaluation-harness's files (evalsuite.export)
     cache: str = "write"
     cache_dir: Optional[str] = None
     dist_timeout_minutes: float = 180.0
@@ -199,6 +200,8 @@ class Settings:
         if self.fewshot_sampler is not None:
             _one_of("fewshot_sampler", self.fewshot_sampler, SAMPLERS)
         _one_of("cache", self.cache, ("off", "read", "write", "refresh"))
+        if self.export is not None:
+            _one_of("export", self.export, ("lm_eval",))
         if not self.dist_timeout_minutes > 0:
             raise ValueError(f"dist_timeout_minutes={self.dist_timeout_minutes}: expected a number above 0")
 

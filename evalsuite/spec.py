@@ -115,6 +115,8 @@ class TaskSpec:
     join: Join | None = None
     macro_by: str | None = None  # a task of subtasks: the score is the mean of the subtasks' means
     breakdown: str | None = None  # template naming an item's group: every metric is reported per group too
+    cluster: str | None = None  # template naming an item's cluster (items not independent of each other): a
+                                # clustered standard error beside the plain one; macro_by tasks: their groups
     path: Path = field(default=Path(), metadata={"yaml": None})  # not in the file
 
     def render(self, key: str, doc: dict[str, Any]) -> str:

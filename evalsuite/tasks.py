@@ -228,6 +228,8 @@ def build_items(spec: TaskSpec, num_fewshot: int | None = None, limit: int | Non
         item = kind.item(spec, index, doc, block)
         item.doc, item.fewshot_indices = row, shots  # recorded without the joined rows
         item.group = spec.render("breakdown", doc) if spec.breakdown else None
+        item.cluster = spec.render("cluster", doc) if spec.cluster else (
+            str(row[spec.macro_by]) if spec.macro_by else None)
         items.append(item)
     provenance = _provenance(spec, split, fs_split, count, sampler, chat, limit, len(rows), selected, held)
     if source == "local" and spec.data.partial:
@@ -245,6 +247,7 @@ def _provenance(spec: TaskSpec, split: data.Split, fs_split: data.Split | None, 
         "num_fewshot": count or fs.in_prompt,
         "fewshot_sampler": sampler if count else ("fixed prompt text" if fs.in_prompt else None),
         "chat_format": chat,
+        "split_items": selected,  # items the split offers for evaluation (before limit)
         "deviations": [],
     }
     if held:

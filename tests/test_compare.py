@@ -76,7 +76,8 @@ def test_planted_regression_exits_1_and_lists_flipped_items(tmp_path, capsys):
     assert drop["test"].startswith("paired bootstrap") and drop["p"] == 1.0  # 0.5 is not pass/fail
     assert compare.main([str(base), str(cand)]) == 1
     out = capsys.readouterr().out
-    assert "| arc | acc | 40 | 75.00 | 45.00 | -30.00 | McNemar (exact) |" in out
+    # MDE by hand: 12 differences of -1, 28 of 0: sd 0.46410, se 0.07338, times z_.975 + z_.8 = 2.80164
+    assert "| arc | acc | 40 | 75.00 | 45.00 | -30.00 | ±20.56 | McNemar (exact) |" in out
     assert "- arc right→wrong: items 0, 1, 2" in out
     assert compare.main([str(base), str(base)]) == 0
 
@@ -100,3 +101,29 @@ def test_runs_on_different_data_are_not_comparable(tmp_path, capsys):
     assert compare.main([str(base), str(tmp_path / "nowhere")]) == 2
     assert "no results.json" in capsys.readouterr().err
     assert not math.isnan(metrics.mcnemar_exact(0, 0))
+
+
+def test_minimum_detectable_effect_and_clustered_stderr_by_hand():
+    from scipy.stats import norm
+    from evalsuite import metrics
+    z = norm.ppf(0.975) + norm.ppf(0.8)
+    assert metrics.minimum_detectable_effect(0.01) == pytest.approx(z * 0.01, rel=1e-12)
+    assert metrics.minimum_detectable_effect(0.01, alpha=0.01, power=0.9) == pytest.approx(
+        (norm.ppf(0.995) + norm.ppf(0.9)) * 0.01, rel=1e-12)
+    base, cand = [1, 1, 0, 1, 0, 1], [1, 0, 0, 1, 1, 0]  # differences 0 -1 0 0 1 -1
+    mean = -1 / 6
+    sd = ((mean ** 2 * 3 + (-1 - mean) ** 2 * 2 + (1 - mean) ** 2) / 5) ** 0.5
+    assert metrics.paired_stderr(base, cand) == (pytest.approx(sd / 6 ** 0.5), "paired")
+    se, basis = metrics.paired_stderr(base, base)  # nothing differs: the runs' own spread, unpaired
+    assert basis.startswith("unpaired") and se == pytest.approx((2 * (4 / 6 * 2 / 6 * 6 / 5) / 6) ** 0.5)
+    # clusters a, b, c with residuals 0, +1, -1 about the mean 0.5: sqrt(0 + 1 + 1) / 6
+    assert metrics.clustered_stderr([1, 0, 1, 1, 0, 0], list("aabbcc")) == (pytest.approx(2 ** 0.5 / 6), 3)
+    # one item per cluster: the plain standard error times sqrt((n - 1) / n)
+    vals = [0.3, 1.0, 0.0, 0.7, 0.2]
+    plain = metrics.mean_stderr(vals)[1]
+    assert metrics.clustered_stderr(vals, list("abcde"))[0] == pytest.approx(plain * (4 / 5) ** 0.5)
+    # two clusters of identical items: residual sums +1 and -1, sqrt(2) / 4, against the plain 0.2887
+    assert metrics.clustered_stderr([1, 1, 0, 0], list("aabb"))[0] == pytest.approx(2 ** 0.5 / 4)
+    assert metrics.mean_stderr([1, 1, 0, 0])[1] == pytest.approx(1 / 12 ** 0.5)
+    assert metrics.between_groups_stderr([0.2, 0.4, 0.9]) == pytest.approx(
+        (sum((x - 0.5) ** 2 for x in (0.2, 0.4, 0.9)) / 2 / 3) ** 0.5)
