@@ -93,18 +93,18 @@ def test_the_gate_passes_and_predictions_agree_with_our_backend(ggufs, served, t
     p = backend.parity
     assert p["status"] == "passed" and p["tokens_compared"] > 3000 and 0 < p["max_abs_delta"] <= 1e-2
     t0 = time.perf_counter()
-    evaluate.run(backend, ["arc_e"], tmp_path / "srv", settings(limit=20))
+    evaluate.run(backend, ["arc_e"], tmp_path / "srv", settings(limit=100))
     t_server = time.perf_counter() - t0
     t0 = time.perf_counter()
-    evaluate.run(load_model(str(ggufs[0])), ["arc_e"], tmp_path / "ours", settings(limit=20))
+    evaluate.run(load_model(str(ggufs[0])), ["arc_e"], tmp_path / "ours", settings(limit=100))
     t_ours = time.perf_counter() - t0
     srv, ours = _records(tmp_path / "srv", "arc_e"), _records(tmp_path / "ours", "arc_e")
     same = sum(a["predictions"] == b["predictions"] for a, b in zip(srv, ours, strict=True))
     worst = max(abs(x - y) for a, b in zip(srv, ours) for x, y in zip(a["logprobs"], b["logprobs"]))
     with capsys.disabled():  # the figures, for the README
         print(f"\nllama.cpp parity: max |delta| {p['max_abs_delta']:.2e} over {p['tokens_compared']} probe tokens; "
-              f"arc_e 20: {same}/20 same predictions, choice log-prob max |delta| {worst:.2e}; "
-              f"{80 / t_server:.1f} requests/s (server) vs {80 / t_ours:.1f} (ours)")
+              f"arc_e 100: {same}/100 same predictions, choice log-prob max |delta| {worst:.2e}; "
+              f"{400 / t_server:.1f} requests/s (server) vs {400 / t_ours:.1f} (ours)")
     assert same >= 0.98 * len(srv)
 
 
