@@ -127,3 +127,14 @@ def test_bad_server_settings_name_the_key(override, message):
     key, value = override.split("=")
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), OmegaConf.from_dotlist([override])))
+
+
+def test_the_gate_against_a_golden_file_needs_no_weights_here(tiny_gemma2_folder, lm, fake, tmp_path):
+    from evalsuite import golden
+    path = tmp_path / "g.json"
+    golden.record(lm, path)  # where the weights are
+    model = ModelSettings(preset=None, path=str(tmp_path / "absent"), backend="openai")  # not loaded
+    backend = server.open_backend(model, ServerSettings(base_url=fake.base_url, parity_golden=str(path)),
+                                  progress=False)
+    assert backend.parity["status"] == "passed" and backend.parity["reference"].startswith("golden file")
+    assert backend.version_key()["fingerprint_sha256"] == lm.fingerprint()
