@@ -51,11 +51,11 @@ def test_the_gate_passes_and_scores_equal_our_backend(tiny_gemma2_folder, lm, fa
 
 
 def test_the_gate_fails_on_other_numbers_with_a_per_token_diff(tiny_gemma2_folder, fake):
-    fake.shift = 0.01  # every log-prob moved a little: another model, or this one computed wrongly
-    with pytest.raises(server.ParityError, match=r"parity gate FAILED.*max \|delta\| 1\.000e-02") as e:
+    fake.shift = 0.05  # every log-prob moved a little: another model, or this one computed wrongly
+    with pytest.raises(server.ParityError, match=r"parity gate FAILED.*max \|delta\| 5\.000e-02") as e:
         _open(tiny_gemma2_folder, fake)
     assert "| probe | position | token | ours | server | delta |" in str(e.value)
-    assert _open(tiny_gemma2_folder, fake, parity_tolerance=0.02).parity["status"] == "passed"
+    assert _open(tiny_gemma2_folder, fake, parity_tolerance=0.06).parity["status"] == "passed"
 
 
 @pytest.mark.parametrize("fault, message", [("no_logprobs", "does not support echo with logprobs"),

@@ -160,11 +160,13 @@ def test_a_server_killed_mid_run_ends_clearly_and_a_rerun_resumes(ggufs, tmp_pat
                     reason="slow (about 0.5 s per prompt token in llama-cpp-python's log-prob loop): "
                            "set EVALSUITE_LLAMACPP_270M=1")
 def test_the_gate_on_the_real_270m(gguf_270m, tmp_path, capsys):
+    # The long probe (795 tokens) takes longer than the default 300 s read timeout on this server.
     s = LlamaServer(gguf_270m, tmp_path / "server.log", alias="gemma3_270m")
     try:
         tolerance = float(os.environ.get("EVALSUITE_LLAMACPP_TOLERANCE", "0.5"))
         backend = server.open_backend(ModelSettings(backend="openai"),
-                                      ServerSettings(base_url=s.base_url, parity_tolerance=tolerance), progress=False)
+                                      ServerSettings(base_url=s.base_url, parity_tolerance=tolerance,
+                                                                     timeout_s=3600, retries=0), progress=False)
     finally:
         s.stop()
     with capsys.disabled():
