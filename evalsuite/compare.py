@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from . import metrics
-from .records import load_run, read_samples
+from .records import load_run, read_samples, record_scores
 
 # What must be equal for two runs of a task to be compared item by item.
 SETTINGS = ("version", "primary", "data_sha256", "fewshot_sha256", "num_fewshot", "fewshot_sampler", "chat_format",
@@ -32,13 +32,12 @@ def item_scores(run: dict, task: str) -> dict[int, float]:
     primary = run["tasks"][task]["primary"]
     out = {}
     for n, rec in read_samples(run, task):
-        if "scores" in rec:
-            if rec["scores"] is not None:  # None: not scored (its program could not be executed)
-                out[rec["index"]] = float(rec["scores"][primary])
-        elif "predictions" in rec:
-            out[rec["index"]] = float(rec["predictions"][primary] == rec["gold"])
-        else:
-            raise ValueError(f"{run['_dir']}/samples_{task}.jsonl:{n}: record has neither 'scores' nor 'predictions'")
+        try:
+            scores = record_scores(rec)
+        except ValueError as e:
+            raise ValueError(f"{run['_dir']}/samples_{task}.jsonl:{n}: {e}") from None
+        if scores is not None:  # None: not scored (its program could not be executed)
+            out[rec["index"]] = float(scores[primary])
     return out
 
 

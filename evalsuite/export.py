@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .records import load_run, read_samples
+from .records import load_run, read_samples, record_scores
 
 # Metrics where a lower value is better, as lm-eval marks them (bias scores are best at 0, pct_stereotype at 50).
 LOWER_IS_BETTER = ("bias_score", "avg_toxicity", "pct_toxic", "pct_stereotype",
@@ -111,14 +111,12 @@ def sample(rec: dict) -> dict[str, Any]:
         resps = [[[lp, g]] for lp, g in zip(rec["logprobs"], rec["is_greedy"])]
         filtered = [[lp, g] for lp, g in zip(rec["logprobs"], rec["is_greedy"])]
         target = rec["gold"]
-        scores = rec.get("scores") or {m: float(rec["predictions"][m] in (rec["gold"] if isinstance(rec["gold"], list)
-                                                                          else [rec["gold"]]))
-                                       for m in rec["predictions"]}
+        scores = record_scores(rec)
     else:
         gens = rec["generation"] if isinstance(rec["generation"], list) else [rec["generation"]]
         args = [[rec["prompt"], {"until": None}]]
         resps, filtered, target = [gens], gens[:1] if len(gens) == 1 else [gens], rec["target"]
-        scores = rec.get("scores") or {}
+        scores = record_scores(rec) or {}  # None: not scored
     arguments = {f"gen_args_{i}": {f"arg_{j}": a for j, a in enumerate(arg)} for i, arg in enumerate(args)}
     out = {"doc_id": rec["index"], "doc": doc, "target": str(target), "arguments": arguments, "resps": resps,
            "filtered_resps": filtered, "filter": "none", "metrics": list(scores),

@@ -201,6 +201,17 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     return res
 
 
+def record_scores(rec: dict[str, Any]) -> dict[str, float] | None:
+    """A sample record's per-item metric values: its `scores` (None: not scored), or for a choice
+    record without them, 1.0 for each metric whose predicted choice is the gold one."""
+    if "scores" in rec:
+        return rec["scores"]
+    if "predictions" in rec:
+        gold = rec["gold"] if isinstance(rec["gold"], list) else [rec["gold"]]
+        return {m: float(p in gold) for m, p in rec["predictions"].items()}
+    raise ValueError("record has neither 'scores' nor 'predictions'")
+
+
 def read_samples(run: dict[str, Any], task: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) of a task's samples file."""
     path = Path(run["_dir"]) / f"samples_{task}.jsonl"

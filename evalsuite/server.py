@@ -4,12 +4,12 @@
         model.path=/ckpt/gemma-2-9b            # the weights the server serves: the parity reference
 
 `ServerBackend` answers the requests itself (evalsuite.requests.RequestBackend), concurrently, with
-the result cache keyed by the server, the served model and the reference weights:
+the result cache keyed by the served model's name and the reference weights (not the address):
   * log-likelihoods from `echo` + `logprobs`: the prompt is context + continuation, the server
     returns every prompt token's log-prob and text offset, and the continuation is the tokens from
     the context's length on. Servers that return prompt log-probs this way: vLLM, SGLang,
-    llama-cpp-python's server (started with logits_all, its default); OpenAI's own models and TGI
-    do not (refused at the parity gate: the first probe's reply has no prompt log-probs).
+    llama-cpp-python's server (started with logits_all, its default); OpenAI's own models and
+    llama.cpp's llama-server do not (refused at the parity gate: the reply has no prompt log-probs).
   * generation with the request's stop strings, max_tokens and sampling settings (seed sent;
     engines differ in how they honour it). A stop string ends the text as with our backend; the
     server's "stop" finish reason covers both a stop string and the end-of-sequence token.
@@ -131,6 +131,11 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _top1(value: float, top: float) -> bool:
+    """Whether a token's log-prob is the position's top-1 (ties within float noise)."""
+    return value >= top - 1e-6 * max(1.0, abs(top))
+
+
 class ServerBackend:
     """An OpenAI-compatible completions server as a RequestBackend (see the module docstring)."""
 
@@ -154,7 +159,7 @@ class ServerBackend:
 
         def one(i: int) -> list:
             prompt, split = prompts[i]
-            offsets, values, top1 = echo_logprobs(self._complete(prompt, max_tokens=1, echo=True, logprobs=1), prompt)
+            offsets, values, top1 = self._echo(prompt)
             if split not in offsets:
                 raise ValueError(f"the server's tokens do not split at the continuation (character {split} of the "
                                  "prompt falls inside a token): its tokenizer differs from the model's")
@@ -164,9 +169,7 @@ class ServerBackend:
             cont, tops = values[first:], top1[first:]
             if not all(_finite(v) for v in cont) or not all(_finite(t) for t in tops):
                 raise ValueError(f"empty or non-finite log-prob among the continuation's tokens: {cont}")
-            # greedy: every continuation token is the server's top-1 (ties within float noise)
-            greedy = all(v >= t - 1e-6 * max(1.0, abs(t)) for v, t in zip(cont, tops))
-            return [float(sum(cont)), greedy, len(cont)]
+            return [float(sum(cont)), all(_top1(v, t) for v, t in zip(cont, tops)), len(cont)]
 
         keys = [self._key("loglikelihood", p) for p in prompts]
         out = self._answer(keys, one, "loglikelihood", "loglikelihood")
@@ -177,13 +180,11 @@ class ServerBackend:
         """log p(text) after BOS, in one piece (the server refuses a text longer than its context).
         The first token's log-prob is not returned by most servers: such a reply is refused."""
         def one(i: int) -> list:
-            offsets, values, top1 = echo_logprobs(self._complete(texts[i], max_tokens=1, echo=True, logprobs=1),
-                                                  texts[i])
+            _, values, top1 = self._echo(texts[i])
             if not all(_finite(v) for v in values):
                 raise ValueError("the server gives no log-prob for some token of the text (the first, after BOS, "
                                  "is left out by OpenAI-style echo)")
-            return [float(sum(values)), all(v >= t - 1e-6 * max(1.0, abs(t)) for v, t in zip(values, top1)),
-                    len(values)]
+            return [float(sum(values)), all(_top1(v, t) for v, t in zip(values, top1)), len(values)]
 
         out = self._answer([self._key("rolling", t) for t in texts], one, "rolling", "loglikelihood_rolling")
         return [LoglikelihoodResult(*v) for v in out]
@@ -238,6 +239,10 @@ class ServerBackend:
     def _complete(self, prompt: str, **body) -> dict:
         return self.client.call("POST", "/completions", {"model": self.model, "prompt": prompt, **body})
 
+    def _echo(self, prompt: str) -> tuple[list[int], list[float | None], list[float | None]]:
+        """The prompt's tokens as the server scores them (echo_logprobs of an echo request)."""
+        return echo_logprobs(self._complete(prompt, max_tokens=1, echo=True, logprobs=1), prompt)
+
     def _key(self, kind: str, *request) -> str | None:
         return self.cache.key(kind, request) if self.cache is not None else None
 
@@ -280,7 +285,7 @@ class ServerBackend:
                     else:
                         pending[futures[f]] = f.result()
                 bar.update(len(finished) - (failed is not None))
-                if failed is not None or time.monotonic() - last >= 1.0:
+                if failed is None and time.monotonic() - last >= 1.0:
                     commit()
                     last = time.monotonic()
                 if failed is not None:  # stop: start nothing more, keep what those in flight bring
@@ -307,7 +312,7 @@ def parity_gate(backend: ServerBackend, probes: list[dict], tolerance: float) ->
     for p, probe in enumerate(probes):
         text, ours = probe["text"], probe["logprobs"]
         try:
-            offsets, values, _ = echo_logprobs(backend._complete(text, max_tokens=1, echo=True, logprobs=1), text)
+            offsets, values, _ = backend._echo(text)
         except ConnectionError as e:
             raise ParityError(f"parity gate: the server did not answer probe {p}: {e}") from None
         except ValueError as e:
