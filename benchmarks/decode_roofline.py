@@ -49,12 +49,17 @@ def step_bound(model, batch: int, context: int, bw: float, peak: float) -> dict:
     """The lower bound of one decode step of `batch` rows after `context` tokens each."""
     from evalsuite.model.config import SLIDING
     cfg, item = model.cfg, model.dtype.itemsize
-    body = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and not name.startswith("embed"))
+    lookups = ("embed", "ple_embed")  # rows read per token, not the whole table
+    body = sum(p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and not name.startswith(lookups))
     head = model.embed.weight.numel()
     seen = [min(context + 1, cfg.sliding_window) if kind == SLIDING else context + 1 for kind in cfg.layer_types]
-    kv_bytes = batch * sum(seen) * 2 * cfg.num_kv_heads * cfg.head_dim * item
+    # Per layer: the keys each query reads (Gemma 4: per-type head widths; KV-sharing layers read
+    # an earlier layer's keys, counted again as they are read again).
+    kv_bytes = batch * sum(n * 2 * cfg.layer_kv_heads(k) * cfg.layer_head_dim(k)
+                           for n, k in zip(seen, cfg.layer_types)) * item
     weight_bytes = (body + head) * item
-    flops = 2 * batch * (body + head) + batch * sum(seen) * 4 * cfg.num_heads * cfg.head_dim
+    flops = 2 * batch * (body + head) + batch * sum(n * 4 * cfg.num_heads * cfg.layer_head_dim(k)
+                                                    for n, k in zip(seen, cfg.layer_types))
     t_mem, t_flop = (weight_bytes + kv_bytes) / bw, flops / peak
     return {"weights_gb": round(weight_bytes / 1e9, 3), "kv_gb": round(kv_bytes / 1e9, 3),
             "gflop": round(flops / 1e9, 2), "bound_s": max(t_mem, t_flop),

@@ -4,6 +4,7 @@ A backend gives the runner
     tokenizer            encode(text, bos) / decode(ids), bos_id, pad_id
     stop_ids             token ids that end a generation (EOS, and end_of_turn for chat models)
     turn_ids             (start_of_turn, end_of_turn) ids for the Gemma chat format, or None
+    system_role          whether the chat format has a system turn (Gemma 4); else Chat.folded
     max_length           longest sequence the runner may build
     packing              True when `hidden` honours an arbitrary `attend` mask, so several
                          continuations can be packed after one context and a few-shot prefix's KV
@@ -47,6 +48,7 @@ class OursBackend:
         cfg = lm.config
         self.stop_ids = tuple(i for i in (cfg.eos_token_id, cfg.end_of_turn_id) if i is not None)
         self.turn_ids = (cfg.start_of_turn_id, cfg.end_of_turn_id) if cfg.start_of_turn_id is not None else None
+        self.system_role = cfg.gemma4
         self.max_length = cfg.max_position_embeddings
         # Decoding on CUDA replays each batch's step as a CUDA graph (DecodeGraph): a step of a small
         # batch is hundreds of short kernels, and launching them one by one from Python costs more
@@ -82,7 +84,8 @@ class OursBackend:
     def kv_bytes_per_token(self) -> int:
         """Bytes of keys and values one token holds in the cache, all layers together."""
         cfg = self.lm.config
-        return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * self.lm.model.dtype.itemsize
+        kinds = cfg.layer_types[:cfg.kv_layers]  # KV-sharing layers (Gemma 4) keep none of their own
+        return sum(2 * cfg.layer_kv_heads(k) * cfg.layer_head_dim(k) for k in kinds) * self.lm.model.dtype.itemsize
 
     def batch_cache(self, caches):
         if all(c is caches[0] for c in caches):
@@ -230,6 +233,9 @@ class HFBackend:
         self.max_length = int(getattr(cfg, "max_position_embeddings", 4096))
         vocab = tok.get_vocab()
         sot, eot = vocab.get("<start_of_turn>"), vocab.get("<end_of_turn>")
+        if sot is None:  # Gemma 4's names, which also has a system role
+            sot, eot = vocab.get("<|turn>"), vocab.get("<turn|>")
+        self.system_role = "<|turn>" in vocab
         self.turn_ids = (sot, eot) if sot is not None and eot is not None else None
         self.stop_ids = tuple(i for i in (self.tokenizer.eos_id, eot) if i is not None)
 

@@ -20,10 +20,25 @@ class Chat:
 
     Encoded as [BOS] (<start_of_turn>user\\n{u}<end_of_turn>\\n<start_of_turn>model\\n{m}<end_of_turn>\\n)*
     <start_of_turn>user\\n{user}<end_of_turn>\\n<start_of_turn>model\\n, with the turn markers inserted
-    by id (never parsed out of text). The example turns are the shared prefix.
+    by id (never parsed out of text). The example turns are the shared prefix. Gemma 4 names its
+    markers <|turn> and <turn|> (the same ids, 105 and 106, as Gemma 3's).
+
+    system: an optional system instruction. Gemma 4 has a system role (a first `system` turn);
+    Gemma 1-3 have none, and it goes before the first user text followed by a blank line, as Gemma
+    3's chat template puts it.
     """
     examples: tuple[tuple[str, str], ...]
     user: str
+    system: str = ""
+
+    def folded(self, system_role: bool) -> "Chat":
+        """The same prompt for a model without a system role: the instruction in the first user turn."""
+        if not self.system or system_role:
+            return self
+        if self.examples:
+            (user, model), *rest = self.examples
+            return Chat(((f"{self.system}\n\n{user}", model), *rest), self.user)
+        return Chat((), f"{self.system}\n\n{self.user}")
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,14 @@ class Encoder:
     def context(self, context: str | Chat, shared_prefix: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(prefix tokens, rest of the context); prefix is () when not shared."""
         if isinstance(context, Chat):
+            context = context.folded(self.backend.system_role)
             pre = (self.backend.tokenizer.bos_id,)
+            if context.system:
+                pre += self.turn("system", context.system)
             for user, model in context.examples:
                 pre += self.turn("user", user) + self.turn("model", model)
             body = self.turn("user", context.user) + self.turn("model", "", close=False)
-            return (pre, body) if context.examples else ((), pre + body)
+            return (pre, body) if context.examples or context.system else ((), pre + body)
         shared_prefix = min(shared_prefix, len(context))
         if shared_prefix:
             return self.encode(context[:shared_prefix], bos=True), self.encode(context[shared_prefix:])

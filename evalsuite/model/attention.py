@@ -222,14 +222,15 @@ def visible(cfg, q_pos, k_pos, real, attend=None) -> dict:
     return allowed
 
 
-def plan_masks(cfg, path: str, q_pos, q_valid, k_pos, k_valid, attend, needed, dtype):
-    """{layer kind: mask} and the last layer's mask, which has only the `needed` queries; masks
-    are AttentionMask or FlexMask as `path` ("blocks" or "flex", Gemma.attention) says."""
+def plan_masks(cfg, path: str, q_pos, q_valid, k_pos, k_valid, attend, needed, dtype, kept_kinds):
+    """{layer kind: mask}, and {kind: mask with only the `needed` queries} for the kinds in
+    kept_kinds (the layers that run for those only; see Gemma.hidden); masks are AttentionMask or
+    FlexMask as `path` ("blocks" or "flex", Gemma.attention) says."""
     allowed = visible(cfg, q_pos, k_pos, k_valid[:, None, :] & q_valid[:, :, None], attend)
     if path not in ("blocks", "flex"):
         raise ValueError(f"Gemma.attention={path!r}: expected 'blocks' or 'flex'")
     make = (lambda a: FlexMask(a)) if path == "flex" else (lambda a: AttentionMask(a, dtype))
     masks = {kind: make(a) for kind, a in allowed.items()}
-    kind = cfg.layer_types[-1]
-    last = masks[kind] if needed is None else make(allowed[kind] & needed[:, :, None])
-    return masks, last
+    if needed is None:
+        return masks, masks
+    return masks, {kind: make(allowed[kind] & needed[:, :, None]) for kind in kept_kinds}

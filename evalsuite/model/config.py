@@ -1,8 +1,10 @@
-"""Gemma 1 / 2 / 3 (text) architecture: one dataclass, named presets, readers for config.json and GGUF.
+"""Gemma 1 / 2 / 3 / 4 (text) architecture: one dataclass, named presets, readers for config.json and GGUF.
 
-Every preset value is taken from the published Hugging Face `config.json` of the matching
+Every Gemma 1-3 preset value is taken from the published Hugging Face `config.json` of the matching
 `google/<name>` checkpoint (text part for Gemma 3 4B+), cross-checked with google/gemma_pytorch
-`gemma/config.py`. Fields that a file format does not store are derived the way the reference
+`gemma/config.py`. Gemma 4 values come from transformers' Gemma 4 weight converter
+(`convert_gemma4_weights.py`, table `_VARIANTS`: the text config of every released size), which
+google-deepmind/gemma `gm/nn/gemma4/_gemma4.py` gives independently. Fields that a file format does not store are derived the way the reference
 implementations derive them, with the rule named next to it.
 """
 
@@ -24,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class GemmaConfig:
-    family: str  # "gemma1" | "gemma2" | "gemma3": decides post-norms, qk-norm and the layer pattern
+    family: str  # "gemma1" | "gemma2" | "gemma3" | "gemma4": decides norms, qk-norm, v-norm, layer scalars
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -50,6 +52,26 @@ class GemmaConfig:
     # Turn markers of the chat format (ids differ between the Gemma 2 and Gemma 3 vocabularies).
     start_of_turn_id: int | None = None
     end_of_turn_id: int | None = None
+    # ---- Gemma 4 (HF Gemma4TextConfig); the defaults leave Gemma 1-3 as they were.
+    # Global layers' heads: 512 wide on Gemma 4 (`global_head_dim`), and on the K=V sizes their own
+    # KV head count (`num_global_key_value_heads`, applied only with attention_k_eq_v, as HF does).
+    global_head_dim: int | None = None
+    num_global_kv_heads: int | None = None
+    attention_k_eq_v: bool = False  # global layers have no v_proj: V = v_norm(k_proj(x))
+    # Proportional RoPE on global layers: the first `rope_partial_factor * hd / 2` frequencies are
+    # theta^(-2k/hd) over the whole head, the rest 0 (HF _compute_proportional_rope_parameters).
+    rope_partial_factor: float = 1.0
+    # The last num_kv_shared_layers layers compute no keys or values: each reads those of the last
+    # earlier layer of its own type (HF Gemma4TextConfig.kv_sharing_modes).
+    num_kv_shared_layers: int = 0
+    double_wide_mlp: bool = False  # KV-shared layers' MLP is twice intermediate_size (E2B)
+    # Per-layer embeddings (E2B/E4B): a (vocab, layers * ple_size) table plus a projection of the
+    # embeddings, one ple_size vector per layer added after its MLP; 0 = none.
+    ple_size: int = 0
+    # Mixture of experts (26B-A4B): every layer's dense MLP plus top_k of num_experts routed ones.
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
 
     def __post_init__(self):
         if len(self.layer_types) != self.num_layers:
@@ -58,16 +80,52 @@ class GemmaConfig:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if SLIDING in self.layer_types and not self.sliding_window:
             raise ConfigError("sliding layers need a positive sliding_window")
+        if self.num_kv_shared_layers:
+            first = self.num_layers - self.num_kv_shared_layers
+            if not 0 < first <= self.num_layers or set(self.layer_types[:first]) != set(self.layer_types):
+                raise ConfigError(f"num_kv_shared_layers={self.num_kv_shared_layers}: every layer type must have a "
+                                  f"layer before layer {first} to share keys and values from")
+        if self.num_experts and not 0 < self.top_k_experts <= self.num_experts:
+            raise ConfigError(f"top_k_experts={self.top_k_experts} must be in 1..num_experts={self.num_experts}")
 
     @property
     def post_norms(self) -> bool:
-        """Gemma 2 and 3 normalise the output of attention and MLP before the residual add."""
-        return self.family in ("gemma2", "gemma3")
+        """Gemma 2, 3 and 4 normalise the output of attention and MLP before the residual add."""
+        return self.family in ("gemma2", "gemma3", "gemma4")
 
     @property
     def qk_norm(self) -> bool:
-        """Gemma 3 RMS-normalises q and k per head before RoPE (replacing Gemma 2's soft-cap)."""
-        return self.family == "gemma3"
+        """Gemma 3 and 4 RMS-normalise q and k per head before RoPE (replacing Gemma 2's soft-cap)."""
+        return self.family in ("gemma3", "gemma4")
+
+    @property
+    def gemma4(self) -> bool:
+        """Gemma 4: norms scale by w (not 1 + w) with pow(-0.5), v is RMS-normed without a weight,
+        and every layer ends by multiplying the hidden state by a learned scalar."""
+        return self.family == "gemma4"
+
+    def layer_head_dim(self, kind: str) -> int:
+        return (self.global_head_dim or self.head_dim) if kind == GLOBAL else self.head_dim
+
+    def layer_kv_heads(self, kind: str) -> int:
+        return (self.num_global_kv_heads or self.num_kv_heads) if kind == GLOBAL else self.num_kv_heads
+
+    @property
+    def kv_layers(self) -> int:
+        """Layers that compute keys and values (the first ones; the rest share theirs)."""
+        return self.num_layers - self.num_kv_shared_layers
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose keys and values `layer` attends to: itself, or for a KV-shared layer the
+        last layer of its type before the shared ones (E2B: 13 for sliding, 14 for global)."""
+        first = self.kv_layers
+        if layer < first:
+            return layer
+        kind = self.layer_types[layer]
+        return max(i for i in range(first) if self.layer_types[i] == kind)
+
+    def mlp_size(self, layer: int) -> int:
+        return self.intermediate_size * (2 if self.double_wide_mlp and layer >= self.kv_layers else 1)
 
     def replace(self, **changes) -> "GemmaConfig":
         return dataclasses.replace(self, **changes)
@@ -117,6 +175,19 @@ def _gemma3(**kw) -> GemmaConfig:
     )
 
 
+def _gemma4(pattern: int = 6, **kw) -> GemmaConfig:
+    # No attention scaling (HF Gemma4TextAttention.scaling = 1.0): q and k are RMS-normed per head.
+    # Global layers: 512-wide heads, proportional RoPE over a quarter of them, theta 1e6.
+    n = kw["num_layers"]
+    kw.setdefault("sliding_window", 512)
+    kw.setdefault("max_position_embeddings", 131072)
+    return GemmaConfig(
+        family="gemma4", vocab_size=262144, head_dim=256, global_head_dim=512, query_pre_attn_scalar=1.0,
+        layer_types=gemma3_layer_types(n, pattern), rope_theta=1_000_000.0, rope_local_theta=10_000.0,
+        rope_partial_factor=0.25, final_logit_softcap=30.0, start_of_turn_id=105, end_of_turn_id=106, **kw,
+    )
+
+
 # Sources: config.json of google/gemma-2b, gemma-7b, gemma-2-{2b,9b,27b}, gemma-3-{270m,1b}-pt and the
 # text_config of gemma-3-{4b,12b,27b}-pt. 9B's query_pre_attn_scalar is 256, not 224 (transformers
 # #31891, llama.cpp #8444); 27B uses hidden/heads (144 for Gemma 2, 168 for Gemma 3).
@@ -135,6 +206,18 @@ PRESETS: dict[str, GemmaConfig] = {
     "gemma3_12b": _gemma3(hidden_size=3840, intermediate_size=15360, num_layers=48, num_heads=16, num_kv_heads=8),
     "gemma3_27b": _gemma3(hidden_size=5376, intermediate_size=21504, num_layers=62, num_heads=32, num_kv_heads=16,
                           head_dim=128, query_pre_attn_scalar=168),
+    # Gemma 4 (transformers convert_gemma4_weights.py _VARIANTS). E2B is 4 sliding : 1 global.
+    "gemma4_e2b": _gemma4(pattern=5, hidden_size=1536, intermediate_size=6144, num_layers=35, num_heads=8,
+                          num_kv_heads=1, num_kv_shared_layers=20, double_wide_mlp=True, ple_size=256),
+    "gemma4_e4b": _gemma4(hidden_size=2560, intermediate_size=10240, num_layers=42, num_heads=8, num_kv_heads=2,
+                          num_kv_shared_layers=18, ple_size=256),
+    "gemma4_26b_a4b": _gemma4(hidden_size=2816, intermediate_size=2112, num_layers=30, num_heads=16, num_kv_heads=8,
+                              num_global_kv_heads=2, attention_k_eq_v=True, sliding_window=1024,
+                              max_position_embeddings=262144, num_experts=128, top_k_experts=8,
+                              moe_intermediate_size=704),
+    "gemma4_31b": _gemma4(hidden_size=5376, intermediate_size=21504, num_layers=60, num_heads=32, num_kv_heads=16,
+                          num_global_kv_heads=4, attention_k_eq_v=True, sliding_window=1024,
+                          max_position_embeddings=262144),
 }
 
 
@@ -147,7 +230,8 @@ def preset(name: str) -> GemmaConfig:
 
 # ---------------------------------------------------------------- Hugging Face config.json
 
-_HF_FAMILIES = {"gemma": "gemma1", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+_HF_FAMILIES = {"gemma": "gemma1", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3",
+                "gemma4_text": "gemma4", "gemma4": "gemma4"}
 
 
 def _rope_settings(d: dict[str, Any], family: str, source: str) -> dict[str, Any]:
@@ -160,6 +244,15 @@ def _rope_settings(d: dict[str, Any], family: str, source: str) -> dict[str, Any
         theta = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
         return dict(rope_theta=theta, rope_local_theta=theta, start_of_turn_id=106, end_of_turn_id=107)
     full, local = rp.get("full_attention", {}), rp.get("sliding_attention", {})
+    if family == "gemma4":
+        if full.get("rope_type", "default") not in ("default", "proportional") or full.get("factor", 1.0) != 1.0:
+            raise ConfigError(f"{source}: full_attention rope {full!r} is not supported "
+                              "(default, or proportional without a factor)")
+        return dict(rope_theta=float(full.get("rope_theta", 1_000_000.0)),
+                    rope_local_theta=float(local.get("rope_theta", 10_000.0)),
+                    rope_partial_factor=float(full.get("partial_rotary_factor", 1.0))
+                    if full.get("rope_type") == "proportional" else 1.0,
+                    start_of_turn_id=105, end_of_turn_id=106)
     scaling = d.get("rope_scaling") or full
     if scaling.get("rope_type", "default") not in ("default", "linear"):
         raise ConfigError(f"{source}: rope type {scaling.get('rope_type')!r} is not supported (default, linear)")
@@ -173,8 +266,8 @@ def _rope_settings(d: dict[str, Any], family: str, source: str) -> dict[str, Any
 
 def from_hf_dict(d: dict[str, Any], source: str = "config.json") -> GemmaConfig:
     """Build a config from a Hugging Face config.json dict (Gemma, Gemma2, Gemma3 text or multimodal)."""
-    if d.get("model_type") == "gemma3" and "text_config" in d:  # multimodal wrapper: take the text part
-        d = {"model_type": "gemma3_text", **d["text_config"]}
+    if d.get("model_type") in ("gemma3", "gemma4") and "text_config" in d:  # multimodal wrapper: the text part
+        d = {**d["text_config"], "model_type": d["model_type"] + "_text"}
     model_type = d.get("model_type")
     if model_type not in _HF_FAMILIES:
         raise ConfigError(f"{source}: model_type={model_type!r} is not a Gemma text model "
@@ -205,7 +298,8 @@ def from_hf_dict(d: dict[str, Any], source: str = "config.json") -> GemmaConfig:
         kw["rope_local_theta"] = kw["rope_theta"]
         return GemmaConfig(**kw)
 
-    kw["query_pre_attn_scalar"] = float(need("query_pre_attn_scalar"))
+    if family != "gemma4":  # Gemma 4 has no attention scaling (1.0) and no such key
+        kw["query_pre_attn_scalar"] = float(need("query_pre_attn_scalar"))
     kw["sliding_window"] = int(need("sliding_window"))
     kw["attn_logit_softcap"] = d.get("attn_logit_softcapping")
     kw["final_logit_softcap"] = d.get("final_logit_softcapping")
@@ -220,7 +314,38 @@ def from_hf_dict(d: dict[str, Any], source: str = "config.json") -> GemmaConfig:
         kw["layer_types"] = gemma3_layer_types(n, int(d.get("sliding_window_pattern", 6)))
 
     kw.update(_rope_settings(d, family, source))
+    if family == "gemma4":
+        kw["layer_types"] = kw["layer_types"][:-1] + (GLOBAL,)  # HF Gemma4TextConfig forces the last layer global
+        kw.update(_gemma4_settings(d, kw, source))
     return GemmaConfig(**kw)
+
+
+def _gemma4_settings(d: dict[str, Any], kw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The Gemma 4 fields of a gemma4_text config. Global layers' head width and KV heads are either
+    top-level keys (global_head_dim, num_global_key_value_heads: hub files) or what transformers 5
+    writes after reading those, per_layer_config {layer index: overrides}."""
+    if d.get("use_bidirectional_attention") == "all":
+        raise ConfigError(f"{source}: use_bidirectional_attention='all' is not a causal language model")
+    k_eq_v = bool(d.get("attention_k_eq_v", False))
+    head_dim, kv_heads = d.get("global_head_dim", 512), d.get("num_global_key_value_heads") if k_eq_v else None
+    overrides = [o for i, o in (d.get("per_layer_config") or {}).items() if kw["layer_types"][int(i)] == GLOBAL]
+    if overrides:
+        head_dim = overrides[0].get("head_dim", kw["head_dim"])
+        kv_heads = overrides[0].get("num_key_value_heads")
+        if any(o != overrides[0] for o in overrides):
+            raise ConfigError(f"{source}: per_layer_config gives global layers different overrides")
+    ple = int(d.get("hidden_size_per_layer_input", 256) or 0)
+    if ple and int(d.get("vocab_size_per_layer_input", kw["vocab_size"])) != kw["vocab_size"]:
+        raise ConfigError(f"{source}: vocab_size_per_layer_input={d['vocab_size_per_layer_input']} differs from "
+                          f"vocab_size={kw['vocab_size']} (every released Gemma 4 has them equal)")
+    moe = bool(d.get("enable_moe_block", False))
+    return dict(
+        query_pre_attn_scalar=1.0, global_head_dim=int(head_dim), num_global_kv_heads=kv_heads and int(kv_heads),
+        attention_k_eq_v=k_eq_v, num_kv_shared_layers=int(d.get("num_kv_shared_layers", 0) or 0),
+        double_wide_mlp=bool(d.get("use_double_wide_mlp", False)), ple_size=ple,
+        num_experts=int(d["num_experts"]) if moe else 0, top_k_experts=int(d["top_k_experts"]) if moe else 0,
+        moe_intermediate_size=int(d["moe_intermediate_size"]) if moe else 0,
+    )
 
 
 def from_hf_json(path: str | Path) -> GemmaConfig:
@@ -249,6 +374,12 @@ def from_gguf_metadata(meta: dict[str, Any], source: str = "GGUF") -> GemmaConfi
       * Gemma 2 writes no rope.freq_base, so 10000.
     """
     arch = meta.get("general.architecture")
+    if arch == "gemma4":
+        # llama.cpp's Gemma 4 GGUFs store a merge-based BPE (tokenizer.ggml.model="gemma4") with a
+        # pre-tokenizer of llama.cpp's own, which no real file here lets us check a rebuild against.
+        raise ConfigError(f"{source}: Gemma 4 GGUF files are not supported (their tokenizer, "
+                          "tokenizer.ggml.model='gemma4', cannot be rebuilt and checked faithfully here); "
+                          "use the Hugging Face checkpoint folder (model.path=DIR or a hub id)")
     families = {"gemma": "gemma1", "gemma2": "gemma2", "gemma3": "gemma3"}
     if arch not in families:
         raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "
@@ -313,6 +444,21 @@ def to_hf_dict(cfg: GemmaConfig) -> dict[str, Any]:
              layer_types=["sliding_attention" if t == SLIDING else "full_attention" for t in cfg.layer_types])
     if cfg.family == "gemma2":
         return {**d, "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "rope_theta": cfg.rope_theta}
+    if cfg.gemma4:
+        full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        if cfg.rope_partial_factor != 1.0:
+            full = {"rope_type": "proportional", "partial_rotary_factor": cfg.rope_partial_factor,
+                    "rope_theta": cfg.rope_theta}
+        del d["query_pre_attn_scalar"], d["attn_logit_softcapping"]
+        d.update(rope_parameters={"full_attention": full,
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
+                 global_head_dim=cfg.layer_head_dim(GLOBAL), num_global_key_value_heads=cfg.num_global_kv_heads,
+                 attention_k_eq_v=cfg.attention_k_eq_v, num_kv_shared_layers=cfg.num_kv_shared_layers,
+                 use_double_wide_mlp=cfg.double_wide_mlp, hidden_size_per_layer_input=cfg.ple_size,
+                 vocab_size_per_layer_input=cfg.vocab_size, enable_moe_block=cfg.num_experts > 0,
+                 num_experts=cfg.num_experts or None, top_k_experts=cfg.top_k_experts or None,
+                 moe_intermediate_size=cfg.moe_intermediate_size or None)
+        return {**d, "model_type": "gemma4_text", "architectures": ["Gemma4ForCausalLM"]}
     full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling_factor != 1.0:
         full = {"rope_type": "linear", "factor": cfg.rope_scaling_factor, "rope_theta": cfg.rope_theta}

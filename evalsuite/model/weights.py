@@ -4,9 +4,10 @@ One name table per format maps checkpoint tensors to our parameters. Every check
 consumed exactly once and every parameter is filled with the right shape; anything else is a
 WeightsError naming the tensor and the file.
 
-Norm weights: our RMSNorm holds the full scale. HF checkpoints store w (the model computes
-1 + w), so we add 1.0 in fp32 at load time, which gives the same fp32 number HF computes at run
-time. GGUF files already store 1 + w (llama.cpp convert_hf_to_gguf adds it in fp32 for Gemma).
+Norm weights: our RMSNorm holds the full scale. Gemma 1-3 HF checkpoints store w (the model
+computes 1 + w), so we add 1.0 in fp32 at load time, which gives the same fp32 number HF computes at
+run time. GGUF files already store 1 + w (llama.cpp convert_hf_to_gguf adds it in fp32 for Gemma).
+Gemma 4 checkpoints store the scale itself (HF Gemma4RMSNorm multiplies by w): offset 0.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from . import config as C
-from .gemma import Gemma, rope_inv_freq
+from .gemma import Gemma, rope_frequencies
 
 
 class WeightsError(RuntimeError):
@@ -32,6 +33,10 @@ class WeightsError(RuntimeError):
 def hf_names(cfg: C.GemmaConfig) -> dict[str, str]:
     """Our parameter name -> Hugging Face checkpoint tensor name."""
     names = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight"}
+    if cfg.ple_size:
+        names.update({"ple_embed.weight": "model.embed_tokens_per_layer.weight",
+                      "ple_proj.weight": "model.per_layer_model_projection.weight",
+                      "ple_norm.weight": "model.per_layer_projection_norm.weight"})
     per_layer = {
         "attn_norm": "input_layernorm", "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj",
         "attn.v": "self_attn.v_proj", "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj",
@@ -44,10 +49,36 @@ def hf_names(cfg: C.GemmaConfig) -> dict[str, str]:
                          post_ffn_norm="post_feedforward_layernorm")
     if cfg.qk_norm:
         per_layer.update({"attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"})
-    for i in range(cfg.num_layers):
+    if cfg.ple_size:
+        per_layer.update(ple_gate="per_layer_input_gate", ple_proj="per_layer_projection",
+                         post_ple_norm="post_per_layer_input_norm")
+    if cfg.num_experts:  # HF's names swap JAX's mlp/mlp2; these are HF's (transformers convert_gemma4_weights)
+        per_layer.update({"moe.router": "router.proj", "pre_moe_norm": "pre_feedforward_layernorm_2",
+                          "post_mlp_norm": "post_feedforward_layernorm_1",
+                          "post_moe_norm": "post_feedforward_layernorm_2"})
+    for i, kind in enumerate(cfg.layer_types):
         for ours, theirs in per_layer.items():
+            if ours in ("attn.k", "attn.v", "attn.k_norm") and i >= cfg.kv_layers:
+                continue  # a KV-sharing layer has none (see unused_hf_names)
+            if ours == "attn.v" and cfg.attention_k_eq_v and kind == C.GLOBAL:
+                continue  # K=V: no v_proj
             names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+        if cfg.gemma4:  # tensors without a .weight suffix
+            names[f"layers.{i}.layer_scalar"] = f"model.layers.{i}.layer_scalar"
+        if cfg.num_experts:
+            names.update({f"layers.{i}.moe.router_scale": f"model.layers.{i}.router.scale",
+                          f"layers.{i}.moe.expert_scale": f"model.layers.{i}.router.per_expert_scale",
+                          f"layers.{i}.moe.gate_up": f"model.layers.{i}.experts.gate_up_proj",
+                          f"layers.{i}.moe.down": f"model.layers.{i}.experts.down_proj"})
     return names
+
+
+def unused_hf_names(cfg: C.GemmaConfig) -> set[str]:
+    """Tensors a checkpoint carries that the network never uses, skipped by name: the keys and
+    values of Gemma 4's KV-sharing layers (their attention reads an earlier layer's; HF lists them
+    in Gemma4TextModel._keys_to_ignore_on_load_unexpected, transformers PR #45312)."""
+    return {f"model.layers.{i}.self_attn.{t}.weight" for i in range(cfg.kv_layers, cfg.num_layers)
+            for t in ("k_proj", "v_proj", "k_norm", "v_norm")}
 
 
 def gguf_names(cfg: C.GemmaConfig) -> dict[str, str]:
@@ -72,16 +103,22 @@ def _is_norm(name: str) -> bool:
     return name.endswith("norm.weight")
 
 
+def hf_norm_offset(cfg: C.GemmaConfig) -> float:
+    return 0.0 if cfg.gemma4 else 1.0
+
+
 # ---------------------------------------------------------------- building the module
 
 def build_model(cfg: C.GemmaConfig, tensors: Iterator[tuple[str, str, torch.Tensor]], names: dict[str, str],
-                norm_offset: float, dtype: torch.dtype, device: str | torch.device,
-                tied_head_names: tuple[str, ...] = ()) -> Gemma:
+                norm_offset: float | None, dtype: torch.dtype, device: str | torch.device,
+                tied_head_names: tuple[str, ...] = (), unused: set[str] = frozenset()) -> Gemma:
     """Fill a Gemma from (file, checkpoint name, tensor) triples using the `names` table.
 
-    `norm_offset` is added to norm weights in fp32 (1.0 for HF checkpoints, 0.0 for GGUF).
-    `tied_head_names` are output-head tensors a checkpoint may carry although the head is tied to
-    the embedding: they are accepted only if equal to it.
+    `norm_offset`: for HF checkpoints, added to norm weights (rounded to the model dtype first, as
+    HF keeps them) in fp32: 1.0 for Gemma 1-3, 0.0 for Gemma 4; None for GGUF (the full scale, as
+    stored). `tied_head_names` are output-head tensors a checkpoint may carry although the head is
+    tied to the embedding: they are accepted only if equal to it. `unused`: tensors the network
+    does not use, skipped by name (unused_hf_names).
     """
     with torch.device("meta"):
         model = Gemma(cfg)
@@ -95,6 +132,8 @@ def build_model(cfg: C.GemmaConfig, tensors: Iterator[tuple[str, str, torch.Tens
         if src in tied_head_names:
             head_copies.append((file, src, t))
             continue
+        if src in unused:
+            continue
         ours = by_source.get(src)
         if ours is None:
             raise WeightsError(f"{file}: unused tensor {src!r} (shape {tuple(t.shape)}): the {cfg.family} "
@@ -106,7 +145,7 @@ def build_model(cfg: C.GemmaConfig, tensors: Iterator[tuple[str, str, torch.Tens
             raise WeightsError(f"{file}: tensor {src!r} has shape {tuple(t.shape)}, expected {want} "
                                f"for the config in use")
         seen[ours] = file
-        if _is_norm(ours) and norm_offset:
+        if _is_norm(ours) and norm_offset is not None:
             # HF keeps w in the model dtype and computes 1.0 + w.float(): round w to the dtype first.
             state[ours] = (t.to(dtype).float() + norm_offset).to(device)  # the scale stays fp32
         elif _is_norm(ours):
@@ -124,8 +163,8 @@ def build_model(cfg: C.GemmaConfig, tensors: Iterator[tuple[str, str, torch.Tens
                                "head to the embedding; untied heads are not supported")
     model.load_state_dict(state, assign=True, strict=True)
     # The RoPE frequency buffers were created on meta; compute them again on the target device.
-    model.inv_freq_global = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor).to(device)
-    model.inv_freq_local = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta).to(device)
+    inv_global, inv_local = rope_frequencies(cfg)
+    model.inv_freq_global, model.inv_freq_local = inv_global.to(device), inv_local.to(device)
     return model.eval()
 
 
@@ -176,7 +215,8 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
 # Multimodal Gemma 3 checkpoints keep the text model under a prefix and carry a vision tower,
 # which a text-only evaluation does not use.
 _TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
-_NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+                      "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")  # Gemma 4's towers
 
 
 def _hf_text_tensors(files: list[Path]) -> Iterator[tuple[str, str, torch.Tensor]]:
@@ -196,8 +236,8 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32, devic
     folder = Path(folder)
     cfg = C.from_hf_json(folder / "config.json")
     files = hf_weight_files(folder)
-    model = build_model(cfg, _hf_text_tensors(files), hf_names(cfg), norm_offset=1.0, dtype=dtype, device=device,
-                        tied_head_names=("lm_head.weight",))
+    model = build_model(cfg, _hf_text_tensors(files), hf_names(cfg), norm_offset=hf_norm_offset(cfg), dtype=dtype,
+                        device=device, tied_head_names=("lm_head.weight",), unused=unused_hf_names(cfg))
     return model, files
 
 
@@ -274,7 +314,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
     # 262144 pieces; `meta` has their contents, and the tensors keep their own views of the file.
     reader.fields.clear()
     cfg = C.from_gguf_metadata(meta, source=str(path))
-    model = build_model(cfg, _gguf_tensors(path, reader), gguf_names(cfg), norm_offset=0.0, dtype=dtype,
+    model = build_model(cfg, _gguf_tensors(path, reader), gguf_names(cfg), norm_offset=None, dtype=dtype,
                         device=device, tied_head_names=("output.weight",))
     return model, meta
 
