@@ -63,8 +63,8 @@ def published_model(run: dict) -> tuple[str, str] | None:
     (gemma-2-9b, pt); `variant: it` (the -it presets) -> the instruction-tuned column; `published:`
     names the registry model where the preset cannot (gemma1_2b_it is gemma-1.1-2b)."""
     cfg = run.get("config", {}).get("model") or {}
-    m = re.fullmatch(r"gemma(\d)_(\d+[mb])(_it)?", cfg.get("preset") or "")
-    model = cfg.get("published") or (f"gemma-{m.group(1)}-{m.group(2)}" if m else None)
+    m = re.fullmatch(r"gemma(\d)_([a-z0-9_]+?)(_it)?", cfg.get("preset") or "")  # gemma4_26b_a4b -> gemma-4-26b-a4b
+    model = cfg.get("published") or (f"gemma-{m.group(1)}-{m.group(2).replace('_', '-')}" if m else None)
     variant = cfg.get("variant") or ("it" if m and m.group(3) else "pt")
     return (model, variant) if model else None
 

@@ -191,10 +191,15 @@ def test_chat_markers_and_system_role(tiny_gemma4_folder, gemma3_tokenizer_json)
     assert text.startswith("<|turn>system\nAnswer with a number.<turn|>\n<|turn>user\nWhat is 2+2?<turn|>\n")
     reader = HFTokenizer.from_file(str(tiny_gemma4_folder / "tokenizer.json"))
     assert list(pre + body) == [2, *reader.encode(text, add_special_tokens=False).ids]
-    assert pre[:2] == (2, 105) and body[-1 - len(lm.tokenizer.encode("model\n")):-len(lm.tokenizer.encode("model\n"))] == (105,)
+    opening = len(lm.tokenizer.encode("model\n"))  # the prompt ends <|turn> model\n
+    assert pre[:2] == (2, 105) and body[-1 - opening] == 105
     folded = chat_text(chat, "gemma3")
     assert folded.startswith("<start_of_turn>user\nAnswer with a number.\n\nWhat is 2+2?<end_of_turn>\n")
     assert "system" not in folded
+    no_role = OursBackend(lm)
+    no_role.system_role = False
+    plain = Chat((("Answer with a number.\n\nWhat is 2+2?", "4"),), "And 3+3?")
+    assert Encoder(no_role).context(chat) == Encoder(no_role).context(plain)
 
 
 def test_tiny_checkpoint_end_to_end_and_the_hf_backend_agrees(tiny_gemma4_folder, tmp_path):

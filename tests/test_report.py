@@ -49,6 +49,11 @@ def test_registry_lookup_prefers_the_gemma2_paper_and_keeps_other_sources():
     assert report.lookup("gemma-3-270m", "pt", "hellaswag")["value"] == 40.9
     assert report.lookup("gemma-3-270m", "pt", "mbpp") is None
     assert report.published_model({"config": {"model": {"preset": "gemma3_270m"}}}) == ("gemma-3-270m", "pt")
+    # Gemma 4's card (instruction-tuned rows only): the presets' names reach its rows.
+    g4 = report.published_model({"config": {"model": {"preset": "gemma4_26b_a4b", "variant": "it"}}})
+    assert g4 == ("gemma-4-26b-a4b", "it")
+    rows = {r["benchmark"]: r["value"] for r in report.registry() if (r["model"], r["variant"]) == g4}
+    assert rows["MMLU Pro"] == 82.6 and rows["GPQA Diamond"] == 82.3 and len(rows) == 11
 
 
 def test_markdown_report_compares_with_published_and_flags_protocol(tmp_path):

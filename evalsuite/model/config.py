@@ -4,8 +4,9 @@ Every Gemma 1-3 preset value is taken from the published Hugging Face `config.js
 `google/<name>` checkpoint (text part for Gemma 3 4B+), cross-checked with google/gemma_pytorch
 `gemma/config.py`. Gemma 4 values come from transformers' Gemma 4 weight converter
 (`convert_gemma4_weights.py`, table `_VARIANTS`: the text config of every released size), which
-google-deepmind/gemma `gm/nn/gemma4/_gemma4.py` gives independently. Fields that a file format does not store are derived the way the reference
-implementations derive them, with the rule named next to it.
+google-deepmind/gemma `gm/nn/gemma4/_gemma4.py` gives independently. Fields that a file format does
+not store are derived the way the reference implementations derive them, with the rule named next
+to it.
 """
 
 from __future__ import annotations

@@ -253,7 +253,7 @@ class Block(nn.Module):
             self.post_ffn_norm = norm(cfg, hidden)
         if cfg.num_experts:  # Gemma 4 MoE: the dense MLP and the experts, each with its own norms, summed
             self.moe = MoE(cfg)
-            self.pre_moe_norm, self.post_mlp_norm, self.post_moe_norm = norm(cfg, hidden), norm(cfg, hidden), norm(cfg, hidden)
+            self.pre_moe_norm, self.post_mlp_norm, self.post_moe_norm = (norm(cfg, hidden) for _ in range(3))
         if cfg.ple_size:  # Gemma 4 per-layer embeddings: gated in after the MLP
             self.ple_gate = nn.Linear(hidden, cfg.ple_size, bias=False)
             self.ple_proj = nn.Linear(cfg.ple_size, hidden, bias=False)
