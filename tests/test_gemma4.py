@@ -5,6 +5,10 @@ config.json forms, and the two ways the experts run."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,6 +142,14 @@ def test_experts_run_the_same_gathered_or_grouped():
 
 # ---------------------------------------------------------------- chat format, end to end
 
+def _module(name: str, *args: str, cwd: Path) -> None:
+    """python -m NAME ARGS from this checkout; it must exit 0."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", name, *args], cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def gemma4_tokenizer_json(gemma3_tokenizer_json, tmp_path_factory):
     """Gemma 3's real tokenizer.json with ids 105 and 106 renamed <|turn> and <turn|>: Gemma 4's
@@ -205,22 +217,29 @@ def test_chat_markers_and_system_role(tiny_gemma4_folder, gemma3_tokenizer_json)
 def test_tiny_checkpoint_end_to_end_and_the_hf_backend_agrees(tiny_gemma4_folder, tmp_path):
     """`+tasks=[arc_e,gsm8k] limit=3` on the folder, with our network and with transformers: the
     same predictions item by item (ARC-Easy's chosen answers, GSM8K's generated texts)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    import os
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     preds = {}
     for backend in ("ours", "hf"):
         out = tmp_path / backend
-        proc = subprocess.run([sys.executable, "-m", "evalsuite", "+tasks=[arc_e,gsm8k]", "limit=3",
-                               f"model.path={tiny_gemma4_folder}", "model.preset=null", f"model.backend={backend}",
-                               f"output_dir={out}", "progress=false", "cache=off"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _module("evalsuite", "+tasks=[arc_e,gsm8k]", "limit=3", f"model.path={tiny_gemma4_folder}", "model.preset=null",
+                f"model.backend={backend}", f"output_dir={out}", "progress=false", "cache=off", cwd=tmp_path)
         (run,) = [p for p in out.iterdir() if p.is_dir()]
         preds[backend] = {task: [json.loads(line)[key] for line in
                                  (run / f"samples_{task}.jsonl").read_text().splitlines()]
                           for task, key in (("arc_e", "predictions"), ("gsm8k", "generation"))}
         assert all(len(v) == 3 for v in preds[backend].values())
     assert preds["ours"] == preds["hf"]
+
+
+def test_golden_logits_record_and_check(tiny_gemma4_folder, tmp_path):
+    """The golden probes on a Gemma 4 checkpoint: recorded by our network, checked bit-exact by it
+    and within the tolerance by transformers."""
+    golden = tmp_path / "golden.json"
+    model = [f"model.path={tiny_gemma4_folder}", "model.preset=null", f"golden.file={golden}"]
+    for command, *extra in (["record"], ["check", "golden.exact=true"], ["check", "model.backend=hf"]):
+        _module("evalsuite.golden", command, *model, *extra, cwd=tmp_path)
+    assert json.loads(golden.read_text())["probes"]
+
+
+def test_gemma4_gguf_is_refused_with_the_reason():
+    with pytest.raises(C.ConfigError, match="Gemma 4 GGUF files are not supported.*Hugging Face checkpoint"):
+        C.from_gguf_metadata({"general.architecture": "gemma4"}, source="model.gguf")

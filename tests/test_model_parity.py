@@ -347,12 +347,14 @@ def test_decode_step_matches_transformers(tmp_path, family):
     assert cache.shared is prefix and cache.k[0].shape[2] == 12 + 4 and int(cache.slot) == 11 + 12 + 4
 
 
-def test_decode_step_traces_to_one_graph(tmp_path):
+@pytest.mark.parametrize("family", ["gemma2", "gemma4_ple", "gemma4_moe"])
+def test_decode_step_traces_to_one_graph(tmp_path, family):
     """What CUDA graph capture needs, checked on CPU: torch.compile(fullgraph=True) traces a step
     without a break (a break is where a value is read back to the host), the next steps run the same
-    trace (fixed shapes, the slot moved on the device), and the results equal the eager step's."""
+    trace (fixed shapes, the slot moved on the device), and the results equal the eager step's.
+    Gemma 4: KV-sharing layers and, for few rows, the gathered experts."""
     import torch._dynamo
-    cfg = tiny_config("gemma2")
+    cfg = tiny_config(family)
     write_hf_checkpoint(cfg, tmp_path)
     ours, _ = load_hf_folder(tmp_path)
     ids = _ids(2, 6, cfg.vocab_size, seed=3)
