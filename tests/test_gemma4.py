@@ -1,6 +1,7 @@
 """Gemma 4 beyond the shared parity tests (test_model_parity runs those on helpers.GEMMA4_VARIANTS):
-the released sizes' shapes against transformers' own modules, the hub checkpoint layout, the
-config.json forms, and the two ways the experts run."""
+bit-exact logits, the released sizes' shapes against transformers' own modules, the hub checkpoint
+layout, the config.json forms, the two ways the experts run, the chat markers and system turn, a
+tiny checkpoint end to end against the hf backend, golden logits, and the GGUF refusal."""
 
 from __future__ import annotations
 
