@@ -61,10 +61,10 @@ def chat_text(chat: Chat, family: str | None = None) -> str:
     system role of the model family (`MARKERS`; Gemma 1-3's by default)."""
     sot, eot = MARKERS.get(family, (SOT, EOT))
     chat = chat.folded(family == "gemma4")
-    turns = [(("system", chat.system),) if chat.system else ()] + [
-        (("user", user), ("model", model)) for user, model in chat.examples]
-    text = "".join(f"{sot}{role}\n{body}{eot}\n" for pair in turns for role, body in pair)
-    return text + f"{sot}user\n{chat.user}{eot}\n{sot}model\n"
+    turns = [("system", chat.system)] if chat.system else []
+    turns += [turn for user, model in chat.examples for turn in (("user", user), ("model", model))]
+    turns.append(("user", chat.user))
+    return "".join(f"{sot}{role}\n{body}{eot}\n" for role, body in turns) + f"{sot}model\n"
 
 
 def loglikelihood_prompt(req: Loglikelihood, family: str | None = None) -> tuple[str, int]:
@@ -377,9 +377,9 @@ def open_backend(model, server, device: str = "cpu", dtype: str = "float32", pro
         backend.deviations.append("server.parity=off: the server's numbers were NOT checked against our network "
                                   "(no parity gate)")
         return backend
-    reference, probes = reference_probes(model, server.parity_golden, device, dtype)
+    reference, probes, reference_family = reference_probes(model, server.parity_golden, device, dtype)
     backend = ServerBackend(client, name, reference, server.concurrency, progress)
-    backend.family = reference.pop("family", None) or family
+    backend.family = reference_family or family
     result = parity_gate(backend, probes, server.parity_tolerance)
     backend.parity = {"status": "passed" if not result["failures"] else "failed", "reference": reference["source"],
                       "tolerance": server.parity_tolerance, "max_abs_delta": result["max_abs_delta"],
@@ -394,16 +394,17 @@ def open_backend(model, server, device: str = "cpu", dtype: str = "float32", pro
     return backend
 
 
-def reference_probes(model, golden_file: str | None, device: str, dtype: str) -> tuple[dict, list[dict]]:
-    """(reference {'fingerprint_sha256', 'source'}, the golden probes with our log-probs): read from a
-    golden file when one is given, else computed by our network on model.path."""
+def reference_probes(model, golden_file: str | None, device: str, dtype: str) -> tuple[dict, list[dict], str | None]:
+    """(reference {'fingerprint_sha256', 'source'}, the golden probes with our log-probs, the model
+    family where our network computed them): read from a golden file when one is given, else
+    computed by our network on model.path."""
     from . import golden
     from .model import load_model
     if golden_file:
         g = golden.load(Path(golden_file))
         return ({"fingerprint_sha256": g["fingerprint_sha256"],
-                 "source": f"golden file {golden_file} ({g['dtype']}, {g['device']})"}, g["probes"])
+                 "source": f"golden file {golden_file} ({g['dtype']}, {g['device']})"}, g["probes"], None)
     lm = load_model(model.path, device=device, dtype=dtype, preset=model.preset)
     probes = golden.compute(lm)
-    return ({"fingerprint_sha256": lm.fingerprint(), "source": f"our network on {model.path} ({dtype}, {device})",
-             "family": lm.config.family}, probes)
+    return ({"fingerprint_sha256": lm.fingerprint(), "source": f"our network on {model.path} ({dtype}, {device})"},
+            probes, lm.config.family)

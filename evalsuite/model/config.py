@@ -116,17 +116,24 @@ class GemmaConfig:
         """Layers that compute keys and values (the first ones; the rest share theirs)."""
         return self.num_layers - self.num_kv_shared_layers
 
+    def shares_kv(self, layer: int) -> bool:
+        """Whether `layer` computes no keys or values of its own (see kv_source)."""
+        return layer >= self.kv_layers
+
+    def kv_tied(self, kind: str) -> bool:
+        """K=V layers (Gemma 4 26B/31B global layers): no v_proj, the values come from k_proj."""
+        return self.attention_k_eq_v and kind == GLOBAL
+
     def kv_source(self, layer: int) -> int:
         """The layer whose keys and values `layer` attends to: itself, or for a KV-shared layer the
         last layer of its type before the shared ones (E2B: 13 for sliding, 14 for global)."""
-        first = self.kv_layers
-        if layer < first:
+        if not self.shares_kv(layer):
             return layer
         kind = self.layer_types[layer]
-        return max(i for i in range(first) if self.layer_types[i] == kind)
+        return max(i for i in range(self.kv_layers) if self.layer_types[i] == kind)
 
     def mlp_size(self, layer: int) -> int:
-        return self.intermediate_size * (2 if self.double_wide_mlp and layer >= self.kv_layers else 1)
+        return self.intermediate_size * (2 if self.double_wide_mlp and self.shares_kv(layer) else 1)
 
     def replace(self, **changes) -> "GemmaConfig":
         return dataclasses.replace(self, **changes)
@@ -445,27 +452,24 @@ def to_hf_dict(cfg: GemmaConfig) -> dict[str, Any]:
              layer_types=["sliding_attention" if t == SLIDING else "full_attention" for t in cfg.layer_types])
     if cfg.family == "gemma2":
         return {**d, "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "rope_theta": cfg.rope_theta}
-    if cfg.gemma4:
-        full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-        if cfg.rope_partial_factor != 1.0:
-            full = {"rope_type": "proportional", "partial_rotary_factor": cfg.rope_partial_factor,
-                    "rope_theta": cfg.rope_theta}
-        del d["query_pre_attn_scalar"], d["attn_logit_softcapping"]
-        d.update(rope_parameters={"full_attention": full,
-                                  "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
-                 global_head_dim=cfg.layer_head_dim(GLOBAL), num_global_key_value_heads=cfg.num_global_kv_heads,
-                 attention_k_eq_v=cfg.attention_k_eq_v, num_kv_shared_layers=cfg.num_kv_shared_layers,
-                 use_double_wide_mlp=cfg.double_wide_mlp, hidden_size_per_layer_input=cfg.ple_size,
-                 vocab_size_per_layer_input=cfg.vocab_size, enable_moe_block=cfg.num_experts > 0,
-                 num_experts=cfg.num_experts or None, top_k_experts=cfg.top_k_experts or None,
-                 moe_intermediate_size=cfg.moe_intermediate_size or None)
-        return {**d, "model_type": "gemma4_text", "architectures": ["Gemma4ForCausalLM"]}
     full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling_factor != 1.0:
         full = {"rope_type": "linear", "factor": cfg.rope_scaling_factor, "rope_theta": cfg.rope_theta}
+    if cfg.rope_partial_factor != 1.0:
+        full = {"rope_type": "proportional", "partial_rotary_factor": cfg.rope_partial_factor,
+                "rope_theta": cfg.rope_theta}
     d["rope_parameters"] = {"full_attention": full,
                             "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}}
-    return {**d, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+    if not cfg.gemma4:
+        return {**d, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+    del d["query_pre_attn_scalar"], d["attn_logit_softcapping"]
+    d.update(global_head_dim=cfg.layer_head_dim(GLOBAL), num_global_key_value_heads=cfg.num_global_kv_heads,
+             attention_k_eq_v=cfg.attention_k_eq_v, num_kv_shared_layers=cfg.num_kv_shared_layers,
+             use_double_wide_mlp=cfg.double_wide_mlp, hidden_size_per_layer_input=cfg.ple_size,
+             vocab_size_per_layer_input=cfg.vocab_size, enable_moe_block=cfg.num_experts > 0,
+             num_experts=cfg.num_experts or None, top_k_experts=cfg.top_k_experts or None,
+             moe_intermediate_size=cfg.moe_intermediate_size or None)
+    return {**d, "model_type": "gemma4_text", "architectures": ["Gemma4ForCausalLM"]}
 
 
 __all__ = ["GemmaConfig", "ConfigError", "PRESETS", "preset", "from_hf_dict", "from_hf_json",

@@ -97,8 +97,8 @@ class Attention(nn.Module):
         nh = cfg.num_heads
         # KV sharing (Gemma 4 E2B/E4B): a reader computes no keys or values and attends to those of
         # the last earlier layer of its type, which passes them on (`shared_kv`, one dict per forward).
-        self.reads_kv = layer >= cfg.kv_layers
-        self.passes_kv = cfg.num_kv_shared_layers > 0 and not self.reads_kv and any(
+        self.reads_kv = cfg.shares_kv(layer)
+        self.passes_kv = not self.reads_kv and any(
             cfg.kv_source(j) == layer for j in range(cfg.kv_layers, cfg.num_layers))
         self.q = nn.Linear(cfg.hidden_size, nh * hd, bias=False)
         self.o = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
@@ -106,9 +106,8 @@ class Attention(nn.Module):
             self.q_norm = norm(cfg, hd)
         if not self.reads_kv:
             self.k = nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
-            # K=V global layers (Gemma 4 26B/31B): the values are the key projection, normed without RoPE.
-            kv_tied = cfg.attention_k_eq_v and layer_type == GLOBAL
-            self.v = None if kv_tied else nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
+            # K=V: the values are the key projection, normed without RoPE.
+            self.v = None if cfg.kv_tied(layer_type) else nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
             if cfg.qk_norm:
                 self.k_norm = norm(cfg, hd)
             self.v_norm = norm(cfg, hd, scaled=False) if cfg.gemma4 else None

@@ -58,9 +58,9 @@ def hf_names(cfg: C.GemmaConfig) -> dict[str, str]:
                           "post_moe_norm": "post_feedforward_layernorm_2"})
     for i, kind in enumerate(cfg.layer_types):
         for ours, theirs in per_layer.items():
-            if ours in ("attn.k", "attn.v", "attn.k_norm") and i >= cfg.kv_layers:
+            if ours in ("attn.k", "attn.v", "attn.k_norm") and cfg.shares_kv(i):
                 continue  # a KV-sharing layer has none (see unused_hf_names)
-            if ours == "attn.v" and cfg.attention_k_eq_v and kind == C.GLOBAL:
+            if ours == "attn.v" and cfg.kv_tied(kind):
                 continue  # K=V: no v_proj
             names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
         if cfg.gemma4:  # tensors without a .weight suffix
