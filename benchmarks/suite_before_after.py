@@ -10,7 +10,8 @@ one side). The machine's speed varies from run to run and day to day, so a ratio
 pair only: a pair is never split across invocations. Per task: process wall seconds (loading
 included), results.json's wall and scoring seconds and tokens generated, both primary scores, and
 how many items have the same generation (generate tasks) or the same predictions and log-likelihoods
-(choice tasks) on both sides. The out file is rewritten after every pair and tasks already in it are skipped, so a
+(choice tasks) on both sides. The suite's members it leaves out (evaluate.expand_tasks: no local
+data without data.source=hub, no sandbox) are recorded with the reason, not run. The out file is rewritten after every pair and tasks already in it are skipped, so a
 killed or split measurement goes on where it stopped. --whole runs the suite as one process a side
 instead (`+tasks=paper limit=1` is the README's main command), its requests pooled across tasks.
 Prints a Markdown table at the end.
@@ -49,8 +50,6 @@ def run_task(tree: Path, task: str, limit: int, extra: list[str]) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    if proc.returncode == 2 and "no local copy" in proc.stderr:  # skipped as the suite skips it (data.source=hub)
-        return {"skipped": next(line for line in proc.stderr.splitlines() if "no local copy" in line)}
     if proc.returncode != 0:
         raise SystemExit(f"{tree}: {' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     run_dir = next(out.glob("*/results.json")).parent
@@ -84,31 +83,36 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from evalsuite import tasks
+    from evalsuite import evaluate, tasks
+    from evalsuite.settings import Settings
+    from evalsuite.toxicity import problem
 
-    names = tasks.suites()[args.suite]
+    # The suite's own rule for the members it leaves out (no local data, no sandbox, no classifier).
+    defaults = Settings()
+    source = next((o.split("=", 1)[1] for o in args.extra if o.startswith("data.source=")), defaults.data.source)
+    names, skipped = evaluate.expand_tasks([args.suite], source, evaluate.execution_problem(defaults.execution),
+                                           lambda: problem(defaults.toxicity.classifier, defaults.toxicity.revision))
     if args.tasks:  # in the order given (the slowest last, say, when a measurement is split)
         unknown = [t for t in args.tasks if t not in names]
         if unknown:
-            raise SystemExit(f"--tasks: {unknown} not in suite {args.suite!r} ({names})")
+            raise SystemExit(f"--tasks: {unknown} not run by suite {args.suite!r} ({names}; left out: {skipped})")
         names = args.tasks
     if args.whole:
         names = [args.suite]
     before_tree = worktree(args.before)
     done = json.loads(args.out.read_text()) if args.out.exists() else {"pairs": {}}
     done.update(before=args.before, suite=args.suite, limit=args.limit, extra=args.extra)
+    if not args.whole:
+        done["skipped"] = skipped
     for i, task in enumerate(names):
         if task in done["pairs"]:
             continue
         sides = [("before", before_tree), ("after", ROOT)]
         runs = {side: run_task(tree, task, args.limit, args.extra) for side, tree in (sides if i % 2 == 0 else sides[::-1])}
-        if "skipped" in runs["after"]:
-            done["pairs"][task] = runs["after"]
-        else:
-            a, b = runs["before"].pop("_samples"), runs["after"].pop("_samples")
-            same = sum(a.get(k) == v for k, v in b.items())
-            done["pairs"][task] = {**runs, "same_outputs": same, "outputs": len(b),
-                                   "first": "before" if i % 2 == 0 else "after", "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        a, b = runs["before"].pop("_samples"), runs["after"].pop("_samples")
+        same = sum(a.get(k) == v for k, v in b.items())
+        done["pairs"][task] = {**runs, "same_outputs": same, "outputs": len(b),
+                               "first": "before" if i % 2 == 0 else "after", "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(done, indent=1) + "\n")
         print(json.dumps({task: done["pairs"][task]}), flush=True)
@@ -120,19 +124,17 @@ def table(done: dict, names: list[str]) -> str:
     process's (start, loading and writing the report included)."""
     rows = ["| task | items | tokens generated | before s | after s | speedup | same outputs |",
             "|---|---|---|---|---|---|---|"]
-    tot = [0.0, 0.0, 0.0, 0.0]
-    for task in names:
-        p = done["pairs"].get(task)
-        if not p or "skipped" in p:
-            continue
+    measured = [(task, done["pairs"][task]) for task in names if task in done["pairs"]]
+    for task, p in measured:
         b, a = p["before"], p["after"]
-        for j, v in enumerate((b["wall_seconds"], a["wall_seconds"], b["process_seconds"], a["process_seconds"])):
-            tot[j] += v
         rows.append(f"| {task} | {a['items']} | {a['tokens_generated']:,} | {b['wall_seconds']:.1f} ({b['process_seconds']:.1f}) | "
                     f"{a['wall_seconds']:.1f} ({a['process_seconds']:.1f}) | {b['wall_seconds'] / a['wall_seconds']:.2f}x | "
                     f"{p['same_outputs']} of {p['outputs']} |")
-    if tot[1]:
-        rows.append(f"| all measured | | | {tot[0]:.1f} ({tot[2]:.1f}) | {tot[1]:.1f} ({tot[3]:.1f}) | {tot[0] / tot[1]:.2f}x | |")
+    if measured:
+        b, a, bp, ap = (sum(p[side][what] for _, p in measured) for side, what in
+                        (("before", "wall_seconds"), ("after", "wall_seconds"),
+                         ("before", "process_seconds"), ("after", "process_seconds")))
+        rows.append(f"| all measured | | | {b:.1f} ({bp:.1f}) | {a:.1f} ({ap:.1f}) | {b / a:.2f}x | |")
     return "\n".join(rows)
 
 
