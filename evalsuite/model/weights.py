@@ -247,25 +247,17 @@ SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q
 
 
 def _open_gguf(path: Path):
-    from gguf import GGUFReader
+    from .gguf_reader import BulkGGUFReader
     try:
-        return GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/IndexError/struct.error on bad bytes
+        return BulkGGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/IndexError/struct.error/UnicodeDecodeError on bad bytes
         raise WeightsError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
 def read_gguf_metadata(path: str | Path, reader=None) -> dict[str, Any]:
-    path = Path(path)
-    reader = reader or _open_gguf(path)
-    meta = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = fld.contents()
-        except Exception as e:
-            raise WeightsError(f"{path}: cannot decode metadata key {key!r} ({e})") from None
-    return meta
+    """Every key-value pair of the file's header (GGUF.* header fields excluded), decoded."""
+    metadata = (reader or _open_gguf(Path(path))).metadata
+    return {k: v for k, v in metadata.items() if not k.startswith("GGUF.")}
 
 
 def _gguf_tensors(path: Path, reader) -> Iterator[tuple[str, str, torch.Tensor]]:
@@ -310,9 +302,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
             raise WeightsError(f"{path}: truncated GGUF file: tensor {t.name!r} ends at byte {end} "
                                f"but the file has {size}")
     meta = read_gguf_metadata(path, reader)
-    # The parsed key-value fields (two numpy views per vocabulary string) held ~0.7 GB for Gemma 3's
-    # 262144 pieces; `meta` has their contents, and the tensors keep their own views of the file.
-    reader.fields.clear()
     cfg = C.from_gguf_metadata(meta, source=str(path))
     model = build_model(cfg, _gguf_tensors(path, reader), gguf_names(cfg), norm_offset=None, dtype=dtype,
                         device=device, tied_head_names=("output.weight",))
