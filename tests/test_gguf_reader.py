@@ -15,7 +15,6 @@ def _every_kind_of_value(path, endianess):
     w.add_float32("t.f32", 0.1)
     w.add_bool("t.bool", True)
     w.add_string("t.str", "héllo ▁world")
-    w.add_array("t.empty", [])
     w.add_array("t.strings", ["", "a", "▁the", "<0x0A>", "日本"] * 3)
     w.add_array("t.ints", [0, 3, -2**31, 2**31 - 1])  # int32 by GGUFWriter's choice
     w.add_array("t.floats", [0.1, -1e30, 3.25])
@@ -33,7 +32,7 @@ def test_bulk_reader_decodes_what_gguf_reader_decodes(tmp_path, endianess):
     bulk = BulkGGUFReader(str(path))
     assert bulk.metadata == reference
     # the flat arrays took the bulk path (no parsed fields), the nested one GGUFReader's
-    assert not {"t.empty", "t.strings", "t.ints", "t.floats", "t.bools"} & set(bulk.fields) and "t.nested" in bulk.fields
+    assert not {"t.strings", "t.ints", "t.floats", "t.bools"} & set(bulk.fields) and "t.nested" in bulk.fields
     assert {k: type(v) for k, v in bulk.metadata.items()} == {k: type(v) for k, v in reference.items()}
     assert bulk.metadata["t.strings"][-1] == "日本" and bulk.metadata["t.floats"][0] == np.float32(0.1)
     assert [t.name for t in bulk.tensors] == ["x"]
@@ -48,3 +47,15 @@ def test_kv_section_cut_inside_an_array(tmp_path):
     cut.write_bytes(data[:data.index(b"t.strings") + 60])  # inside the string array's elements
     with pytest.raises(WeightsError, match="cut.gguf: not a readable GGUF file"):
         load_gguf(cut)
+
+
+
+def test_a_duplicate_key_is_refused_as_gguf_reader_refuses_it(tmp_path):
+    path = tmp_path / "kinds.gguf"
+    _every_kind_of_value(path, gguf.GGUFEndian.LITTLE)
+    dup = tmp_path / "dup.gguf"
+    dup.write_bytes(path.read_bytes().replace(b"t.bool\x07", b"t.ints\x07"))  # a scalar, then an array of that key
+    with pytest.raises(KeyError, match="Duplicate t.ints"):
+        gguf.GGUFReader(str(dup))
+    with pytest.raises(WeightsError, match="dup.gguf: not a readable GGUF file .*Duplicate t.ints"):
+        load_gguf(dup)

@@ -35,6 +35,8 @@ class BulkGGUFReader(GGUFReader):
             klen, kdata = self._get_str(offs)
             offs += int(klen.nbytes + kdata.nbytes)
             key = str(bytes(kdata), encoding="utf-8")
+            if key in self.metadata:  # GGUFReader's _push_field refuses these; the bulk path must too
+                raise KeyError(f"Duplicate {key} already in list at offset {orig_offs}")
             raw_type = self._get(offs, np.uint32)
             offs += int(raw_type.nbytes)
             if raw_type[0] == GGUFValueType.ARRAY and self._get(offs, np.uint32)[0] != GGUFValueType.ARRAY:
